@@ -1,0 +1,233 @@
+"""The config schema (Hydra structured configs) and the checks that run before any work.
+
+Hydra validates key names and types while composing (a misspelled key or a value of the wrong
+type fails there, with the key named). `validate` then checks what types cannot express: value
+ranges and choices (declared on the fields below), unknown top-level keys added with ``+``,
+model roles the recipe needs or does not use, model paths, data files and eval tasks. It
+collects every problem and raises one `ConfigError`.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+import typing
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from runner.errors import ConfigError
+
+ROLES = ("model", "teacher", "student", "base", "instruct", "thinking", "tuned_base", "reference")
+METHOD_BLOCKS = ("loss", "selector", "graft", "merge", "quant", "noise", "onpolicy")
+
+
+def _range(lo=None, hi=None, *, lo_open=False, choices=None, nullable=True) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "nullable": nullable}
+
+
+@dataclass
+class ModelSpec:
+    path: str = MISSING  # toy zoo name, local folder or hub id
+    dtype: str = field(default="auto", metadata=_range(choices=("auto", "float32", "bfloat16", "float16")))
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataFields:
+    """Column names in JSONL/hub records."""
+
+    messages: str = "messages"
+    prompt: str = "prompt"
+    response: str = "response"
+    text: str = "text"
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default="toy", metadata=_range(choices=("toy", "jsonl", "hub")))
+    # toy world
+    format: str = "instruct"  # plain | instruct | thinking
+    difficulty: str = "mixed"  # easy | hard | mixed
+    variation: float = field(default=0.0, metadata=_range(0, 1))  # probability of a varied phrasing around the answer
+    # files and hub
+    path: Optional[str] = None  # JSONL file (source=jsonl)
+    name: Optional[str] = None  # hub dataset id (source=hub)
+    subset: Optional[str] = None
+    split: str = "train"
+    fields: DataFields = field(default_factory=DataFields)
+    system_prompt: Optional[str] = None
+    # all sources
+    num_examples: Optional[int] = field(default=None, metadata=_range(1))  # toy: how many to generate (default 20000); files: a cap
+    chat_template: Optional[bool] = None  # null: use the tokenizer's chat template if it has one
+    max_length: int = field(default=256, metadata=_range(8))
+    packing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = field(default=200, metadata=_range(1))  # optimizer steps; null: from epochs
+    epochs: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    batch_size: int = field(default=16, metadata=_range(1))  # per process, per micro-step
+    grad_accum: int = field(default=1, metadata=_range(1))
+    lr: float = field(default=3e-4, metadata=_range(0, lo_open=True))
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata=_range(choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")),
+    )
+    warmup_ratio: float = field(default=0.1, metadata=_range(0, 1))
+    warmup_steps: Optional[int] = field(default=None, metadata=_range(0))  # overrides warmup_ratio
+    min_lr_ratio: float = field(default=0.0, metadata=_range(0, 1))
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = field(default=1e-8, metadata=_range(0, lo_open=True))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0))  # 0 disables clipping
+    save_every: int = field(default=0, metadata=_range(0))  # checkpoint every N steps; 0: never mid-run
+    keep_last: int = field(default=1, metadata=_range(1))
+    resume: str = "auto"  # auto | never | <checkpoint folder>
+    log_every: int = field(default=10, metadata=_range(1))
+    gradient_checkpointing: bool = False
+    mixed_precision: str = field(default="no", metadata=_range(choices=("no", "bf16", "fp16")))
+    cpu: Optional[bool] = None  # null: CPU when no GPU is present
+    tensorboard: bool = False
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    tasks: List[str] = field(default_factory=list)  # empty: no evaluation
+    limit: Optional[int] = field(default=None, metadata=_range(1))
+    batch_size: int = field(default=32, metadata=_range(1))
+    num_fewshot: Optional[int] = field(default=None, metadata=_range(0))
+    baseline: bool = False  # also evaluate the recipe's input model
+    chat_template: Optional[bool] = None  # null: use the tokenizer's chat template if it has one
+    enable_thinking: Optional[bool] = None  # passed to the chat template when set
+    max_gen_toks: Optional[int] = field(default=None, metadata=_range(1))
+    include_path: List[str] = field(default_factory=list)  # extra folders of task YAMLs
+    log_samples: bool = True
+    bootstrap_iters: int = field(default=0, metadata=_range(0))
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING  # the named recipe (conf/recipe/<name>.yaml)
+    kind: str = MISSING  # the registered recipe it runs
+    seed: int = 0
+    output_root: str = "outputs"
+    plugins: List[str] = field(default_factory=list)  # extra modules to import (they register components)
+    save_checkpoint: bool = True
+    # model roles
+    model: Optional[ModelSpec] = None
+    teacher: Optional[ModelSpec] = None
+    student: Optional[ModelSpec] = None
+    base: Optional[ModelSpec] = None
+    instruct: Optional[ModelSpec] = None
+    thinking: Optional[ModelSpec] = None
+    tuned_base: Optional[ModelSpec] = None
+    reference: Optional[ModelSpec] = None
+    models: List[ModelSpec] = field(default_factory=list)
+    # stages
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # method parameters, validated by the recipe against its components
+    loss: Dict[str, Any] = field(default_factory=dict)
+    selector: Dict[str, Any] = field(default_factory=dict)
+    graft: Dict[str, Any] = field(default_factory=dict)
+    merge: Dict[str, Any] = field(default_factory=dict)
+    quant: Dict[str, Any] = field(default_factory=dict)
+    noise: Dict[str, Any] = field(default_factory=dict)
+    onpolicy: Dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="runner_schema", node=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_fields(node: Any, schema: type, key: str) -> list[str]:
+    """Range and choice problems of `node` against the field metadata of dataclass `schema`."""
+    from runner.registry import did_you_mean
+
+    problems = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        value = node.get(f.name) if isinstance(node, (dict, DictConfig)) else getattr(node, f.name, None)
+        full = f"{key}.{f.name}" if key else f.name
+        nested = _dataclass_in(hints[f.name])
+        if nested is not None:
+            if value is not None:
+                problems += check_fields(value, nested, full)
+            continue
+        meta = f.metadata
+        if not meta or value is None:
+            continue
+        if meta["choices"] is not None:
+            if value not in meta["choices"]:
+                problems.append(f"{full}: {value!r} is not allowed.{did_you_mean(str(value), meta['choices'])} "
+                                f"Choose one of {', '.join(map(str, meta['choices']))}")
+            continue
+        lo, hi = meta["lo"], meta["hi"]
+        below = lo is not None and (value <= lo if meta["lo_open"] else value < lo)
+        if below or (hi is not None and value > hi):
+            bounds = [f"{'>' if meta['lo_open'] else '>='} {lo}"] if lo is not None else []
+            bounds += [f"<= {hi}"] if hi is not None else []
+            problems.append(f"{full}: {value} is out of range; it must be {' and '.join(bounds)}")
+    return problems
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (directly or as Optional[...]), else None."""
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def check_top_level(cfg: DictConfig) -> list[str]:
+    """Keys added with ``+key=value`` that the schema does not know."""
+    from runner.registry import did_you_mean
+
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    return [
+        f"{k}: unknown top-level key.{did_you_mean(k, known)} Known keys: {', '.join(sorted(known))}"
+        for k in cfg if k not in known
+    ]
+
+
+def check_roles(cfg: DictConfig, required: tuple[str, ...], optional: tuple[str, ...], kind: str) -> list[str]:
+    problems = []
+    for role in required:
+        if cfg.get(role) is None:
+            problems.append(f"{role}: recipe kind {kind!r} needs a {role!r} model; set {role}.path=<toy zoo name, folder or hub id>")
+    allowed = set(required) | set(optional)
+    for role in ROLES:
+        if role not in allowed and cfg.get(role) is not None:
+            uses = ", ".join(sorted(allowed & set(ROLES))) or "none"
+            problems.append(f"{role}: set, but recipe kind {kind!r} does not use it (it uses: {uses}); remove it")
+    if "models" not in allowed and len(cfg.get("models") or []) > 0:
+        problems.append(f"models: set, but recipe kind {kind!r} does not take a list of models")
+    return problems
+
+
+def check_unused_blocks(cfg: DictConfig, used: tuple[str, ...], kind: str) -> list[str]:
+    return [
+        f"{block}: set, but recipe kind {kind!r} does not read a {block!r} block (it reads: {', '.join(used) or 'none'})"
+        for block in METHOD_BLOCKS
+        if block not in used and len(cfg.get(block) or {}) > 0
+    ]
+
+
+def to_container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
