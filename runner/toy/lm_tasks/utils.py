@@ -1,0 +1,44 @@
+"""Datasets and scoring for the toy lm-eval tasks (referenced from the YAML files beside it).
+
+The test problems are generated from the toy world's fixed seed, so no data file is needed and the
+tasks resolve from any working directory.
+"""
+
+import datasets
+
+from runner.toy.tasks import TaskSpec, final_answer, mc_choices, render, test_problems
+
+
+def _dataset(rows):
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def _qa(split):
+    return [{"question": p.question(), "answer": str(p.answer)} for p in test_problems(TaskSpec(), split)]
+
+
+def load_easy(**kwargs):
+    return _dataset(_qa("easy"))
+
+
+def load_hard(**kwargs):
+    return _dataset(_qa("hard"))
+
+
+def load_mc(**kwargs):
+    rows = []
+    for p in test_problems(TaskSpec(), "easy"):
+        choices, label = mc_choices(p)
+        rows.append({"question": p.question(), "choices": choices, "label": label})
+    return _dataset(rows)
+
+
+def load_plain(**kwargs):
+    spec = TaskSpec()
+    problems = test_problems(spec, "easy") + test_problems(spec, "hard")
+    return _dataset([{"text": render(p, "plain")["text"]} for p in problems])
+
+
+def score_generation(doc, results):
+    """Exact match on the final integer after the think block is removed."""
+    return {"exact_match": float(final_answer(results[0]) == int(doc["answer"]))}

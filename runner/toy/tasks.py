@@ -1,0 +1,252 @@
+"""Synthetic integer arithmetic: the tasks of the toy world.
+
+A problem is a chain of operands joined by operators, e.g. ``23+45+17``. Its difficulty is the
+number of operands (``easy``: 2, ``hard``: `TaskSpec.hard_operands`) and the size of the operands
+(`TaskSpec.max_value`). Each problem renders in three formats:
+
+- ``plain``: pretraining text, either a fact ``23+45=68`` or worked text
+  ``23+45+17:23+45=68,68+17=85``;
+- ``instruct``: a chat, question -> short answer (``23+45+17=85``, or with `variation` another
+  phrasing such as ``The answer is 85.``);
+- ``thinking``: a chat, question -> ``<think>23+45+17:23+45=68,68+17=85</think>85``.
+
+Test problems are a fixed function of `TaskSpec.world_seed` and never appear in training data:
+sampling rejects every held-out problem, and every problem whose working contains a held-out
+two-operand fact, so an easy test fact is never seen at all (its mirror image, b+a, may be).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+FORMATS = ("plain", "instruct", "thinking")
+DIFFICULTIES = ("easy", "hard", "mixed")
+OPERATORS = ("+", "-")
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(" + re.escape(THINK_CLOSE) + r"|$)", re.S)
+_INTEGER = re.compile(r"-?\d+")
+
+# Interchangeable phrasings around the core answer (the DESIGN's optional surface variation).
+# The first is the default: restating the expression lets a model reuse the facts it saw in
+# pretraining text ("23+45=68") instead of learning to add at a new position.
+PHRASINGS = (
+    "{q}={a}",
+    "{a}",
+    "The answer is {a}.",
+    "It is {a}.",
+    "Result: {a}",
+    "So the total is {a}.",
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The difficulty knobs of the toy world. Changing any of them changes every split."""
+
+    max_value: int = 49  # operands are drawn from 0..max_value
+    hard_operands: int = 3  # operands in a `hard` problem (`easy` has 2)
+    ops: tuple[str, ...] = ("+",)  # operators drawn between operands
+    world_seed: int = 1234  # fixes the held-out test problems
+    test_size: int = 300  # problems per held-out split
+
+    def __post_init__(self):
+        if self.max_value < 2:
+            raise ValueError(f"max_value must be >= 2, got {self.max_value}")
+        if self.hard_operands < 3:
+            raise ValueError(f"hard_operands must be >= 3, got {self.hard_operands}")
+        bad = [o for o in self.ops if o not in OPERATORS]
+        if bad or not self.ops:
+            raise ValueError(f"ops must be a non-empty subset of {OPERATORS}, got {self.ops}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    operands: tuple[int, ...]
+    operators: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        if not self.operators:
+            object.__setattr__(self, "operators", ("+",) * (len(self.operands) - 1))
+
+    @property
+    def answer(self) -> int:
+        return self.running_values()[-1]
+
+    def running_values(self) -> list[int]:
+        values = [self.operands[0]]
+        for op, x in zip(self.operators, self.operands[1:]):
+            values.append(values[-1] + x if op == "+" else values[-1] - x)
+        return values
+
+    def expression(self) -> str:
+        parts = [str(self.operands[0])]
+        for op, x in zip(self.operators, self.operands[1:]):
+            parts += [op, str(x)]
+        return "".join(parts)
+
+    def steps(self) -> list[str]:
+        """The working: one two-operand fact per operator."""
+        values = self.running_values()
+        return [
+            f"{values[i]}{op}{x}={values[i + 1]}"
+            for i, (op, x) in enumerate(zip(self.operators, self.operands[1:]))
+        ]
+
+    def facts(self) -> list[tuple[int, str, int]]:
+        values = self.running_values()
+        return [(values[i], op, x) for i, (op, x) in enumerate(zip(self.operators, self.operands[1:]))]
+
+    def question(self) -> str:
+        return f"{self.expression()}=?"
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out test problems
+
+
+def _draw(rng: random.Random, spec: TaskSpec, n_operands: int) -> Problem:
+    operands = tuple(rng.randint(0, spec.max_value) for _ in range(n_operands))
+    operators = tuple(rng.choice(spec.ops) for _ in range(n_operands - 1))
+    return Problem(operands, operators)
+
+
+def _operand_count(spec: TaskSpec, difficulty: str) -> int:
+    return 2 if difficulty == "easy" else spec.hard_operands
+
+
+@lru_cache(maxsize=16)
+def test_problems(spec: TaskSpec, difficulty: str) -> tuple[Problem, ...]:
+    """The held-out problems of one split (``easy`` or ``hard``), in a fixed order."""
+    if difficulty not in ("easy", "hard"):
+        raise ValueError(f"test splits are 'easy' and 'hard', got {difficulty!r}")
+    rng = random.Random(f"{spec.world_seed}-test-{difficulty}")
+    seen: dict[Problem, None] = {}
+    n_ops = _operand_count(spec, difficulty)
+    possible = (spec.max_value + 1) ** n_ops * len(spec.ops) ** (n_ops - 1)
+    target = min(spec.test_size, possible // 4)
+    while len(seen) < target:
+        seen.setdefault(_draw(rng, spec, n_ops))
+    return tuple(seen)
+
+
+@lru_cache(maxsize=16)
+def _held_out(spec: TaskSpec) -> tuple[frozenset, frozenset]:
+    easy_facts = {p.facts()[0] for p in test_problems(spec, "easy")}
+    return frozenset(easy_facts), frozenset(test_problems(spec, "hard"))
+
+
+def is_held_out(spec: TaskSpec, problem: Problem) -> bool:
+    easy_facts, hard = _held_out(spec)
+    return problem in hard or any(f in easy_facts for f in problem.facts())
+
+
+# --------------------------------------------------------------------------------------------
+# Training problems and rendering
+
+
+def sample_problem(rng: random.Random, spec: TaskSpec, difficulty: str, *, fact_range: bool = False) -> Problem:
+    """One training problem that is not held out.
+
+    `fact_range` widens the first operand of easy problems to every running value a hard chain
+    can reach, so pretraining text covers every step the working of a hard problem uses.
+    """
+    if difficulty == "mixed":
+        difficulty = rng.choice(("easy", "hard"))
+    while True:
+        if difficulty == "easy" and fact_range:
+            hi = (spec.hard_operands - 1) * spec.max_value
+            a = rng.randint(0, hi)
+            op = rng.choice(spec.ops)
+            problem = Problem((a, rng.randint(0, spec.max_value)), (op,))
+        else:
+            problem = _draw(rng, spec, _operand_count(spec, difficulty))
+        if not is_held_out(spec, problem):
+            return problem
+
+
+def working(problem: Problem) -> str:
+    """The plain-text working: ``23+45=68`` or ``23+45+17:23+45=68,68+17=85``.
+
+    No spaces: the byte-level pre-tokenizer would make " 68" and "68" different tokens.
+    """
+    if len(problem.operands) == 2:
+        return problem.steps()[0]
+    return f"{problem.expression()}:{','.join(problem.steps())}"
+
+
+def think_text(problem: Problem) -> str:
+    return f"{THINK_OPEN}{working(problem)}{THINK_CLOSE}"
+
+
+def answer_text(problem: Problem, rng: random.Random | None = None, variation: float = 0.0,
+                default: str = PHRASINGS[0]) -> str:
+    """The answer in the `default` phrasing, or with probability `variation` in another one."""
+    if rng is not None and variation > 0 and rng.random() < variation:
+        template = rng.choice([p for p in PHRASINGS if p != default])
+    else:
+        template = default
+    return template.format(a=problem.answer, q=problem.expression())
+
+
+def render(problem: Problem, fmt: str, rng: random.Random | None = None, variation: float = 0.0) -> dict:
+    """One example: ``{"text": ...}`` for plain, ``{"messages": [...]}`` for the chat formats."""
+    if fmt == "plain":
+        return {"text": working(problem)}
+    if fmt == "instruct":
+        response = answer_text(problem, rng, variation)
+    elif fmt == "thinking":
+        # after the working, the bare answer (the working already restates the problem)
+        response = think_text(problem) + answer_text(problem, rng, variation, default="{a}")
+    else:
+        raise ValueError(f"unknown format {fmt!r}; formats are {FORMATS}")
+    return {"messages": [{"role": "user", "content": problem.question()}, {"role": "assistant", "content": response}]}
+
+
+def make_examples(
+    spec: TaskSpec,
+    fmt: str,
+    difficulty: str,
+    n: int,
+    seed: int,
+    variation: float = 0.0,
+) -> list[dict]:
+    """`n` training examples, a deterministic function of all arguments."""
+    rng = random.Random(f"{seed}-{fmt}-{difficulty}")
+    return [
+        render(sample_problem(rng, spec, difficulty, fact_range=fmt == "plain"), fmt, rng, variation)
+        for _ in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring helpers shared with the lm-eval task files
+
+
+def strip_think(response: str) -> str:
+    """The response with its think block removed; an unterminated block removes everything after it."""
+    return _THINK_BLOCK.sub("", response)
+
+
+def final_answer(response: str) -> int | None:
+    """The last integer outside the think block, or None."""
+    found = _INTEGER.findall(strip_think(response))
+    return int(found[-1]) if found else None
+
+
+def mc_choices(problem: Problem, n_choices: int = 4) -> tuple[list[str], int]:
+    """Answer choices (the correct one plus near misses) and the index of the correct one."""
+    rng = random.Random(f"mc-{problem.expression()}")
+    wrong: list[int] = []
+    for delta in rng.sample([-10, -2, -1, 1, 2, 10, 11, -11], k=8):
+        candidate = problem.answer + delta
+        if candidate >= 0 and candidate not in wrong:
+            wrong.append(candidate)
+        if len(wrong) == n_choices - 1:
+            break
+    choices = wrong + [problem.answer]
+    rng.shuffle(choices)
+    return [str(c) for c in choices], choices.index(problem.answer)
