@@ -1,0 +1,282 @@
+"""Datasets for training: toy tasks, local JSONL, hub datasets; chat formatting and loss masks.
+
+Records come in three shapes, whatever the source:
+
+- ``{"messages": [{"role", "content"}, ...]}``: a chat; every assistant turn is trained on;
+- ``{"prompt": ..., "response": ...}``: one exchange; the response is trained on;
+- ``{"text": ...}``: plain text; every token is trained on.
+
+Tokenized examples hold ``input_ids`` and ``labels`` of equal length, labels ``-100`` where no loss
+is taken (prompt, template markup, padding). Labels are *not* shifted: a loss compares
+``logits[:, :-1]`` with ``labels[:, 1:]`` (see `shift_labels`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+SOURCES = ("toy", "jsonl", "hub")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (before any work)
+
+
+def check_data_spec(data: Any, key: str = "data") -> list[str]:
+    """Problems with a data block beyond its field ranges (those are checked by `runner.config`)."""
+    from runner.toy.tasks import DIFFICULTIES, FORMATS
+
+    problems = []
+    source = data.source
+    if source not in SOURCES:
+        return [f"{key}.source: {source!r} is not allowed; choose one of {', '.join(SOURCES)}"]
+    if source == "toy":
+        if data.format not in FORMATS:
+            problems.append(f"{key}.format: {data.format!r} is not allowed; choose one of {', '.join(FORMATS)}")
+        if data.difficulty not in DIFFICULTIES:
+            problems.append(f"{key}.difficulty: {data.difficulty!r} is not allowed; choose one of {', '.join(DIFFICULTIES)}")
+    elif source == "jsonl":
+        if not data.path:
+            problems.append(f"{key}.path: missing; give the JSONL file to train on")
+        elif not Path(data.path).expanduser().is_file():
+            problems.append(f"{key}.path: file {data.path!r} not found")
+        else:
+            problems += _check_jsonl(Path(data.path).expanduser(), data, key)
+    elif source == "hub" and not data.name:
+        problems.append(f"{key}.name: missing; give the hub dataset id (e.g. tatsu-lab/alpaca)")
+    return problems
+
+
+def _check_jsonl(path: Path, data: Any, key: str) -> list[str]:
+    """Every line parses and has one of the record shapes (checked on the whole file: it is cheap)."""
+    problems = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{key}.path: {path}:{lineno} is not valid JSON ({exc.msg})")
+            else:
+                problem = _shape_problem(record, data)
+                if problem:
+                    problems.append(f"{key}.path: {path}:{lineno} {problem}")
+            if len(problems) >= 3:
+                problems.append(f"{key}.path: stopping after 3 bad lines")
+                break
+    return problems
+
+
+def _shape_problem(record: Any, data: Any) -> str | None:
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    f = data.fields
+    if f.messages in record:
+        msgs = record[f.messages]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            return f"field {f.messages!r} must be a list of {{role, content}} objects"
+        if not any(m["role"] == "assistant" for m in msgs):
+            return f"field {f.messages!r} has no assistant turn to train on"
+        return None
+    if f.prompt in record and f.response in record:
+        return None
+    if f.text in record:
+        return None
+    return (f"has none of the fields {f.messages!r}, {f.prompt!r}+{f.response!r} or {f.text!r} "
+            f"(found: {', '.join(sorted(record))}); map yours with data.fields.*")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading records
+
+
+def load_records(data: Any) -> list[dict]:
+    """Raw records in one of the three shapes, capped at `data.num_examples`."""
+    if data.source == "toy":
+        from runner.toy.tasks import TaskSpec, make_examples
+
+        n = data.num_examples or 20000
+        return make_examples(TaskSpec(), data.format, data.difficulty, n, data.seed, data.variation)
+    if data.source == "jsonl":
+        with Path(data.path).expanduser().open() as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        rows = _load_hub(data)
+    rows = [_normalize(r, data) for r in rows]
+    return rows[: data.num_examples] if data.num_examples else rows
+
+
+def _load_hub(data: Any) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(data.name, data.subset, split=data.split)
+    except Exception as exc:  # datasets raises many types for missing/offline datasets
+        raise ConfigError(
+            f"data.name: could not load hub dataset {data.name!r} (subset={data.subset}, split={data.split}): "
+            f"{type(exc).__name__}: {exc}. Offline machines need a cached copy or data.source=jsonl."
+        ) from None
+    return list(ds)
+
+
+def _normalize(record: dict, data: Any) -> dict:
+    problem = _shape_problem(record, data)
+    if problem:
+        raise ConfigError(f"data: a record {problem}")
+    f = data.fields
+    system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
+    if f.messages in record:
+        return {"messages": system + list(record[f.messages])}
+    if f.prompt in record and f.response in record:
+        return {"prompt": str(record[f.prompt]), "response": str(record[f.response]), "system": data.system_prompt}
+    return {"text": str(record[f.text])}
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def use_chat_template(data: Any, tokenizer) -> bool:
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if data.chat_template and not has:
+        raise ConfigError("data.chat_template: true, but the model's tokenizer has no chat template; "
+                          "set data.chat_template=false to train on plain prompt+response text")
+    return has if data.chat_template is None else bool(data.chat_template)
+
+
+def _messages(record: dict) -> list[dict]:
+    if "messages" in record:
+        return record["messages"]
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return system + [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_records(records: list[dict], tokenizer, *, chat: bool) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record. Loss on assistant turns (chat), responses, or all of plain text.
+
+    Chats are rendered with the tokenizer's template; the prompt of each assistant turn is found by
+    rendering the conversation up to it and checking that its tokens are a prefix of the whole, so
+    masks are exact at the token level for any template. All strings are encoded in two batched calls.
+    """
+    with_special: list[str] = []  # encoded like plain text: the tokenizer adds BOS etc.
+    bare: list[str] = []  # chat renders (the template places special tokens itself) and responses
+    plans = []
+    for record in records:
+        if "text" in record:
+            plans.append(("text", len(with_special)))
+            with_special.append(record["text"])
+        elif "prompt" in record and not chat:
+            plans.append(("pair", len(with_special), len(bare)))
+            with_special.append(record["prompt"])
+            bare.append(record["response"])
+        else:
+            if not chat:
+                raise ConfigError("data: chat records (messages) need a chat template; the tokenizer has none "
+                                  "or data.chat_template=false")
+            msgs = _messages(record)
+            turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            plans.append(("chat", len(bare), turns))
+            bare.append(_render(tokenizer, msgs, False))
+            for i in turns:
+                bare.append(_render(tokenizer, msgs[:i], True))
+                bare.append(_render(tokenizer, msgs[: i + 1], False) if i < len(msgs) - 1 else bare[plans[-1][1]])
+    enc_special = tokenizer(with_special).input_ids if with_special else []
+    enc_bare = tokenizer(bare, add_special_tokens=False).input_ids if bare else []
+    eos = tokenizer.eos_token_id
+    out = []
+    for plan in plans:
+        if plan[0] == "text":
+            ids = enc_special[plan[1]] + [eos]
+            out.append((ids, list(ids)))
+        elif plan[0] == "pair":
+            prompt, response = enc_special[plan[1]], enc_bare[plan[2]] + [eos]
+            out.append((prompt + response, [IGNORE] * len(prompt) + response))
+        else:
+            ids = enc_bare[plan[1]]
+            labels = [IGNORE] * len(ids)
+            for k in range(len(plan[2])):
+                start, upto = enc_bare[plan[1] + 1 + 2 * k], enc_bare[plan[1] + 2 + 2 * k]
+                if ids[: len(upto)] != upto or upto[: len(start)] != start:
+                    raise ConfigError("data: the tokenizer's chat template renders a conversation prefix differently "
+                                      "from the full conversation, so prompt tokens cannot be masked reliably")
+                labels[len(start): len(upto)] = ids[len(start): len(upto)]
+            out.append((ids, labels))
+    return out
+
+
+def tokenize_record(record: dict, tokenizer, *, chat: bool) -> tuple[list[int], list[int]]:
+    return tokenize_records([record], tokenizer, chat=chat)[0]
+
+
+def build_dataset(data: Any, tokenizer) -> list[dict]:
+    """Tokenized examples ready for `collate`; packed into rows of `data.max_length` if asked."""
+    chat = use_chat_template(data, tokenizer)
+    examples, dropped = [], 0
+    for ids, labels in tokenize_records(load_records(data), tokenizer, chat=chat):
+        ids, labels = ids[: data.max_length], labels[: data.max_length]
+        labels[0] = IGNORE  # nothing predicts the first token (and packing must not link documents)
+        if all(x == IGNORE for x in labels):
+            dropped += 1
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    if dropped:
+        log.warning("dropped %d examples with no trainable tokens within data.max_length=%d", dropped, data.max_length)
+    if not examples:
+        raise ConfigError("data: no example has a trainable token (all prompts longer than data.max_length?)")
+    return pack(examples, data.max_length) if data.packing else examples
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples into rows of exactly `max_length` tokens (the tail is dropped).
+
+    Documents in a row attend to each other (no block-diagonal mask); their loss masks are kept,
+    and no document's first token is predicted from the previous document.
+    """
+    rows, ids, labels = [], [], []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += ex["labels"]
+        while len(ids) >= max_length:
+            rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+            ids, labels = ids[max_length:], labels[max_length:]
+            if labels:
+                labels[0] = IGNORE
+    if not rows:
+        raise ConfigError(f"data.packing: the data holds fewer than data.max_length={max_length} tokens")
+    return rows
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into a batch of tensors."""
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask) aligned with ``logits[:, :-1]``: position t predicts token t+1."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    return targets.masked_fill(~mask, 0), mask

@@ -1,0 +1,223 @@
+"""Loading and saving Hugging Face causal LMs.
+
+A model spec (``{path, dtype, trust_remote_code, revision}``) names a toy zoo entry, a local folder
+or a hub id. `check_model_spec` finds every problem with a spec without loading weights, so a run
+can refuse bad input before any work; `load_model` then loads it; `save_checkpoint` writes an HF
+folder (safetensors, tokenizer, generation config) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_CHOICES = ("auto", *DTYPES)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _spec_get(spec: Any, name: str, default: Any = None) -> Any:
+    return spec.get(name, default) if hasattr(spec, "get") else getattr(spec, name, default)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def check_model_spec(spec: Any, key: str) -> list[str]:
+    """Problems with a model spec, each naming `key`; empty when it can be loaded.
+
+    Cheap: reads config.json and safetensors headers, never weights. Toy zoo names always pass
+    (they are built on demand).
+    """
+    from runner.toy import zoo
+
+    problems = []
+    path = _spec_get(spec, "path")
+    dtype = _spec_get(spec, "dtype", "auto")
+    if dtype not in DTYPE_CHOICES:
+        problems.append(f"{key}.dtype: {dtype!r} is not allowed; choose one of {', '.join(DTYPE_CHOICES)}")
+    if not path:
+        return problems + [f"{key}.path: missing; give a toy zoo name ({', '.join(zoo.names())}), a local folder or a hub id"]
+    path = str(path)
+    if zoo.is_zoo_name(path):
+        return problems
+    local = Path(path).expanduser()
+    if local.exists():
+        return problems + check_model_folder(local, key)
+    hint = zoo.did_you_mean(path)
+    if _looks_local(path) or not _HUB_ID.match(path) or hint:
+        return problems + [
+            f"{key}.path: {path!r} is not a folder, a toy zoo name ({', '.join(zoo.names())}) or a hub id.{hint}"
+        ]
+    if hub_offline() and not _hub_cached(path, _spec_get(spec, "revision")):
+        problems.append(
+            f"{key}.path: {path!r} looks like a hub id, but the hub is offline (HF_HUB_OFFLINE=1) and no cached "
+            "copy was found; download it on a machine with a network or give a local folder"
+        )
+    return problems
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def check_model_folder(folder: Path, key: str) -> list[str]:
+    """Problems with a local HF model folder: config, weight format, shard headers and index."""
+    from safetensors import safe_open
+
+    if not folder.is_dir():
+        return [f"{key}.path: {str(folder)!r} is a file; give the model folder that holds config.json"]
+    if not (folder / "config.json").is_file():
+        return [f"{key}.path: {str(folder)!r} has no config.json; it is not a Hugging Face model folder"]
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{key}.path: {folder / 'config.json'} is not valid JSON ({exc})"]
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            return [f"{key}.path: {str(folder)!r} holds only pickle weights (*.bin/*.pt); the runner loads "
+                    "safetensors only (convert with save_pretrained(safe_serialization=True))"]
+        return [f"{key}.path: {str(folder)!r} has no *.safetensors weights"]
+    problems = []
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises several types for a bad header
+            problems.append(f"{key}.path: weight file {shard.name} is corrupt or truncated ({exc})")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file() and not problems:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            return [f"{key}.path: {index.name} is not a valid safetensors index ({exc})"]
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            problems.append(f"{key}.path: {index.name} names shards that are missing: {', '.join(missing)}")
+    return problems
+
+
+def resolve_model_path(spec: Any) -> str:
+    """A loadable path: the built folder of a toy zoo entry, a local folder, or the hub id."""
+    from runner.toy import zoo
+
+    path = str(_spec_get(spec, "path"))
+    if zoo.is_zoo_name(path):
+        return str(zoo.ensure(path))
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
+def torch_dtype(name: str | None):
+    return "auto" if name in (None, "auto") else DTYPES[name]
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: Any, *, device: str | torch.device | None = None):
+    """(model, tokenizer) for a model spec. Safetensors only; remote code only when the spec allows it."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    trust = bool(_spec_get(spec, "trust_remote_code", False))
+    revision = _spec_get(spec, "revision")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(_spec_get(spec, "dtype", "auto")),
+        trust_remote_code=trust,
+        revision=revision,
+        use_safetensors=True,
+    )
+    if device is not None:
+        model.to(device)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust, revision=revision)
+    return model, tokenizer
+
+
+def check_same_vocab(tokenizer_a, tokenizer_b, key_a: str, key_b: str) -> None:
+    """Raise if two tokenizers disagree on any token id."""
+    vocab_a, vocab_b = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
+    if vocab_a != vocab_b:
+        only_a = len(set(vocab_a.items()) - set(vocab_b.items()))
+        raise ConfigError(
+            f"{key_a} and {key_b} use different vocabularies ({len(vocab_a)} vs {len(vocab_b)} tokens, "
+            f"{only_a} token/id pairs differ); this recipe needs the same tokenizer for both"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh temp folder beside `final`; finish with `commit_dir(tmp, final)`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp` so readers see the old folder or the new one, never half of one."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str | None = None) -> Path:
+    """Write an HF model folder (config, safetensors, tokenizer, generation config) atomically.
+
+    `dtype` casts the saved weights once at the end (e.g. back to bfloat16 after fp32 work).
+    """
+    out_dir = Path(out_dir)
+    tmp = atomic_dir(out_dir)
+    try:
+        if dtype not in (None, "auto"):
+            model = model.to(DTYPES[dtype])
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # save_pretrained writes 0600 weights; checkpoints are meant to be shared
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
