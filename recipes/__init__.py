@@ -1,0 +1,7 @@
+"""The method packages. Importing this package registers every recipe and component.
+
+`runner` never imports a recipe module by name; it imports this package and looks things up in
+`runner.registry`.
+"""
+
+from recipes import sft  # noqa: F401

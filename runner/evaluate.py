@@ -1,0 +1,206 @@
+"""The benchmark stage: lm-eval in process, on the model object a recipe produced.
+
+Toy tasks ship inside the package (`runner/toy/lm_tasks`) and resolve from any working directory.
+Any other task name is looked up in the folders of ``eval.include_path`` and then in lm-eval's own
+registry (indexing that registry takes about ten seconds, so it is only built when needed).
+
+Metrics are flattened to ``{"<task>/<metric>": float}`` (a filter other than ``none`` is appended
+as ``<metric>@<filter>``). For generation tasks the stage also reports, from the logged samples,
+``response_tokens`` (mean length of the responses in tokens, think block included) and
+``think_rate`` (share of responses that open a think block).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TOY_TASK_DIR = Path(__file__).resolve().parent / "toy" / "lm_tasks"
+_TASK_LINE = re.compile(r"^(?:task|group):\s*([\w\-.]+)\s*$", re.M)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    raw_path: Path
+    wall_s: float
+
+
+def _task_names_in(folder: Path) -> set[str]:
+    found = set()
+    for f in folder.rglob("*.yaml"):
+        found.update(_TASK_LINE.findall(f.read_text(errors="ignore")))
+    return found
+
+
+def toy_task_names() -> list[str]:
+    return sorted(_task_names_in(TOY_TASK_DIR))
+
+
+def _include_paths(ev: Any) -> list[str]:
+    return [str(TOY_TASK_DIR)] + [str(Path(p).expanduser().resolve()) for p in ev.include_path]
+
+
+def check_eval_spec(ev: Any, key: str = "eval") -> list[str]:
+    """Problems with the eval block: include paths that do not exist, task names nobody knows."""
+    from runner.registry import did_you_mean
+
+    problems = [f"{key}.include_path: folder {p!r} not found" for p in ev.include_path if not Path(p).expanduser().is_dir()]
+    if problems or not ev.tasks:
+        return problems
+    local = set(toy_task_names())
+    for p in ev.include_path:
+        local |= _task_names_in(Path(p).expanduser())
+    unknown = [t for t in ev.tasks if t not in local]
+    if unknown:
+        known = local | set(_builtin_task_manager(ev).all_tasks)
+        for t in unknown:
+            if t not in known:
+                problems.append(f"{key}.tasks: unknown task {t!r}.{did_you_mean(t, known)} Toy tasks: {', '.join(sorted(local))}")
+    return problems
+
+
+_BUILTIN = {}
+
+
+def _builtin_task_manager(ev: Any):
+    from lm_eval.tasks import TaskManager
+
+    key = tuple(_include_paths(ev))
+    if key not in _BUILTIN:
+        log.info("indexing lm-eval's built-in tasks (about 10 s)")
+        _BUILTIN[key] = TaskManager(include_path=list(key), include_defaults=True)
+    return _BUILTIN[key]
+
+
+def _task_manager(ev: Any):
+    from lm_eval.tasks import TaskManager
+
+    local = set(toy_task_names())
+    for p in ev.include_path:
+        local |= _task_names_in(Path(p).expanduser())
+    if all(t in local for t in ev.tasks):
+        return TaskManager(include_path=_include_paths(ev), include_defaults=False)
+    return _builtin_task_manager(ev)
+
+
+def flatten_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """lm-eval's ``{task: {"metric,filter": value}}`` as ``{"task/metric": float}`` (numbers only)."""
+    flat = {}
+    for task, values in results.items():
+        for name, value in values.items():
+            if name == "alias" or "," not in name or isinstance(value, (str, bool)) or value is None:
+                continue
+            metric, filt = name.split(",", 1)
+            if metric.endswith("_stderr") and (not isinstance(value, (int, float)) or math.isnan(value)):
+                continue
+            key = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}@{filt}"
+            flat[key] = float(value)
+    return flat
+
+
+def response_stats(samples: list[dict], tokenizer) -> dict[str, float]:
+    """Mean response length in tokens and the share of responses with a think block."""
+    from runner.toy.tasks import THINK_OPEN
+
+    responses = []
+    for s in samples:
+        resps = s.get("filtered_resps") or s.get("resps") or []
+        first = resps[0] if resps else ""
+        while isinstance(first, list):  # resps are nested one level per repeat
+            first = first[0] if first else ""
+        responses.append(str(first))
+    if not responses:
+        return {}
+    lengths = [len(tokenizer(r, add_special_tokens=False).input_ids) for r in responses]
+    return {
+        "response_tokens": sum(lengths) / len(lengths),
+        "think_rate": sum(THINK_OPEN in r for r in responses) / len(responses),
+    }
+
+
+def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "model") -> EvalResult:
+    """Run the configured tasks on `model`; write raw results and samples under `out_dir`."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    chat = ev.chat_template if ev.chat_template is not None else getattr(tokenizer, "chat_template", None) is not None
+    chat_args = {} if ev.enable_thinking is None else {"enable_thinking": bool(ev.enable_thinking)}
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size,
+              max_gen_toks=ev.max_gen_toks or 256, chat_template_args=chat_args or None)
+    gen_kwargs = {"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None
+    try:
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(ev.tasks),
+            num_fewshot=ev.num_fewshot,
+            limit=ev.limit,
+            task_manager=_task_manager(ev),
+            log_samples=True,
+            apply_chat_template=chat,
+            gen_kwargs=gen_kwargs,
+            bootstrap_iters=ev.bootstrap_iters,
+            random_seed=ev.seed,
+            numpy_random_seed=ev.seed,
+            torch_random_seed=ev.seed,
+            fewshot_random_seed=ev.seed,
+        )
+    finally:
+        model.train(was_training)
+    metrics = flatten_metrics(res["results"])
+    samples = res.pop("samples", {}) or {}
+    for task, task_samples in samples.items():
+        if res.get("configs", {}).get(task, {}).get("output_type") == "generate_until":
+            for k, v in response_stats(task_samples, tokenizer).items():
+                metrics[f"{task}/{k}"] = v
+    raw_path = out_dir / "lm_eval_results.json"
+    raw_path.write_text(json.dumps(res, indent=2, default=str))
+    if ev.log_samples:
+        for task, task_samples in samples.items():
+            with (out_dir / f"samples_{task}.jsonl").open("w") as f:
+                for s in task_samples:
+                    f.write(json.dumps(s, default=str) + "\n")
+    wall = time.perf_counter() - t0
+    log.info("evaluated %s on %s in %.1f s", label, ", ".join(ev.tasks), wall)
+    return EvalResult(metrics=metrics, raw_path=raw_path, wall_s=wall)
+
+
+def metrics_table(metrics: dict[str, float], baseline: dict[str, float] | None = None, title: str = "results"):
+    """A rich table of metrics, with baseline and delta columns when a baseline is given."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("task/metric")
+    if baseline:
+        table.add_column("baseline", justify="right")
+    table.add_column("value", justify="right")
+    if baseline:
+        table.add_column("delta", justify="right")
+    for key in sorted(metrics):
+        row = [key]
+        if baseline:
+            row.append(_num(baseline.get(key)))
+        row.append(_num(metrics[key]))
+        if baseline:
+            b = baseline.get(key)
+            row.append(f"{metrics[key] - b:+.4f}" if b is not None else "")
+        table.add_row(*row)
+    return table
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
