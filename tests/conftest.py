@@ -1,0 +1,88 @@
+"""Shared fixtures: offline environment, a small toy zoo, tiny models, Hydra composition."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Tests build the toy zoo with a hundredth of the steps (seconds, not minutes) in their own cache,
+# unless the caller points them elsewhere (the slow zoo test switches to the full profile itself).
+os.environ.setdefault("RUNNER_TOY_PROFILE", "smoke")
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    if "RUNNER_CACHE_DIR" not in os.environ:
+        os.environ["RUNNER_CACHE_DIR"] = str(tmp_path_factory.mktemp("runner-cache"))
+    yield Path(os.environ["RUNNER_CACHE_DIR"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from runner.train import reset_accelerator_state
+
+    reset_accelerator_state()
+    yield
+    reset_accelerator_state()
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    from runner.toy.zoo import build_tokenizer
+
+    return build_tokenizer()
+
+
+def make_tiny_model(path: Path, tokenizer, model_type: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A random tiny causal LM with the toy tokenizer, saved as an HF folder."""
+    from runner.models import save_checkpoint
+    from runner.toy.zoo import Arch, _new_model
+
+    arch = Arch(model_type=model_type, hidden=hidden, layers=layers, heads=4, intermediate=2 * hidden)
+    model = _new_model(arch, tokenizer, seed)
+    save_checkpoint(model, tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, toy_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", toy_tokenizer, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, toy_tokenizer):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", toy_tokenizer, "qwen3")
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> the job config exactly as `python -m runner` would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from runner.config import register_configs
+    from runner.resolvers import register_resolvers
+
+    register_configs()
+    register_resolvers()
+
+    def _compose(overrides=()):
+        with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def run_cli(args, cwd, timeout=600, env=None):
+    """Run `python -m runner ...` in a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

@@ -1,0 +1,87 @@
+"""Config validation: every user error is one clear message naming the key, before any work."""
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from runner.errors import ConfigError
+from runner.run import validate
+
+
+def problems_of(cfg) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    return err.value.problems
+
+
+def test_default_config_is_valid(compose):
+    recipe = validate(compose([]))
+    assert type(recipe).__name__ == "SFT"
+
+
+def test_unknown_recipe_lists_the_available_ones(compose):
+    with pytest.raises(MissingConfigException) as err:
+        compose(["recipe=sftt"])
+    assert "Could not find 'recipe/sftt'" in str(err.value)
+    assert "sft" in err.value.options
+
+
+def test_misspelled_key_is_refused_while_composing(compose):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["train.lrr=1e-4"])
+    assert "lrr" in str(err.value.__cause__) and "TrainConfig" in str(err.value.__cause__)
+
+
+def test_wrong_type_is_refused_while_composing(compose):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["train.lr=fast"])
+    cause = str(err.value.__cause__)
+    assert "could not be converted to Float" in cause and "train.lr" in cause
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.lr=-1", "train.lr: -1.0 is out of range; it must be > 0"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 is out of range; it must be >= 0 and <= 1"),
+    ("train.batch_size=0", "train.batch_size: 0 is out of range; it must be >= 1"),
+    ("train.lr_scheduler=cosin", "train.lr_scheduler: 'cosin' is not allowed. Did you mean 'cosine'?"),
+    ("model.dtype=fp8", "model.dtype: 'fp8' is not allowed."),
+    ("data.variation=2", "data.variation: 2.0 is out of range; it must be >= 0 and <= 1"),
+    ("eval.limit=0", "eval.limit: 0 is out of range; it must be >= 1"),
+    ("data.format=chat", "data.format: 'chat' is not allowed; choose one of plain, instruct, thinking"),
+    ("kind=sftt", "kind: unknown recipe 'sftt'. Did you mean 'sft'? Valid names: sft"),
+    ("+typo=3", "typo: unknown top-level key."),
+    ("+loss.mu=0.5", "loss: set, but recipe kind 'sft' does not read a 'loss' block"),
+    ("model@teacher=toy-teacher", "teacher: set, but recipe kind 'sft' does not use it (it uses: model); remove it"),
+    ("model.path=toy-bsae", "model.path: 'toy-bsae' is not a folder, a toy zoo name"),
+    ("model.path=./no/such/folder", "model.path: './no/such/folder' is not a folder"),
+    ("data=jsonl", "data.path: missing; give the JSONL file to train on"),
+    ("data=jsonl data.path=/no/such.jsonl", "data.path: file '/no/such.jsonl' not found"),
+    ("train.resume=/no/such/run", "train.resume: '/no/such/run' is not a checkpoint folder"),
+    ("plugins=[no_such_plugin_module]", "plugins: cannot import 'no_such_plugin_module'"),
+])
+def test_value_errors_name_the_key(compose, override, expected):
+    found = problems_of(compose(override.split()))
+    assert any(expected in p for p in found), found
+
+
+def test_all_problems_are_reported_at_once(compose):
+    found = problems_of(compose(["train.lr=-1", "train.batch_size=0", "+typo=1"]))
+    assert len(found) == 3
+    assert str(ConfigError(found)).startswith("invalid config (3 problems):\n  - ")
+
+
+def test_missing_required_role(compose):
+    cfg = compose([])
+    cfg.model = None
+    found = problems_of(cfg)
+    assert found == ["model: recipe kind 'sft' needs a 'model' model; set model.path=<toy zoo name, folder or hub id>"]
+
+
+def test_model_group_sets_a_role(compose):
+    cfg = compose(["model=toy-instruct"])
+    assert cfg.model.path == "toy-instruct" and cfg.model.dtype == "float32"
+    assert compose(["model=qwen3-0.6b"]).model.path == "Qwen/Qwen3-0.6B"
+
+
+def test_seed_flows_into_train_and_data(compose):
+    cfg = compose(["seed=7"])
+    assert cfg.train.seed == 7 and cfg.data.seed == 7

@@ -1,0 +1,96 @@
+import json
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from runner.config import EvalConfig
+from runner.evaluate import check_eval_spec, evaluate, flatten_metrics, toy_task_names
+from runner.toy.tasks import TaskSpec
+from runner.toy.tasks import test_problems as problems_of_split
+
+
+def bigram_model(tokenizer, chain: list[str]) -> LlamaForCausalLM:
+    """A one-layer llama that is exactly a bigram table: each token in `chain` is followed by the next.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the current token's embedding
+    (one-hot); the LM head then maps it to the next token. Tokens off the chain go to EOS.
+    """
+    vocab = len(tokenizer)
+    hidden = vocab + (-vocab) % 4  # room for a one-hot of every token, split evenly over 2 heads
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in chain]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, hidden))
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight[tokenizer.eos_token_id, :] = 1.0
+        for cur, nxt in zip(ids, ids[1:]):
+            model.lm_head.weight[nxt, cur] = 10.0
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def test_eval_stage_matches_a_hand_computed_exact_match(toy_tokenizer, tmp_path):
+    limit = 100
+    easy = problems_of_split(TaskSpec(), "easy")[:limit]
+    answer, count = Counter(p.answer for p in easy).most_common(1)[0]
+    assert count >= 2
+    # every response is "<think>1</think>{answer}": a think block (stripped before scoring), then one number
+    model = bigram_model(toy_tokenizer, ["<|assistant|>", "<think>", "1", "</think>", str(answer), "</s>"])
+    ev = OmegaConf.structured(EvalConfig(tasks=["toy_arith", "toy_arith_hard"], limit=limit, batch_size=16))
+    result = evaluate(model, toy_tokenizer, ev, tmp_path, label="bigram")
+
+    hard = problems_of_split(TaskSpec(), "hard")[:limit]
+    assert result.metrics["toy_arith/exact_match"] == pytest.approx(count / limit)
+    assert result.metrics["toy_arith_hard/exact_match"] == pytest.approx(sum(p.answer == answer for p in hard) / limit)
+    assert result.metrics["toy_arith/think_rate"] == 1.0
+    assert result.metrics["toy_arith/response_tokens"] == 4.0  # <think> 1 </think> answer
+    samples = [json.loads(line) for line in (tmp_path / "samples_toy_arith.jsonl").read_text().splitlines()]
+    assert len(samples) == limit and samples[0]["resps"][0][0] == f"<think>1</think>{answer}"
+    raw = json.loads((tmp_path / "lm_eval_results.json").read_text())
+    assert raw["results"]["toy_arith"]["exact_match,none"] == pytest.approx(count / limit)
+
+
+def test_eval_stage_covers_every_toy_task_kind(tiny_llama, tmp_path):
+    from runner.models import load_model
+
+    model, tok = load_model({"path": str(tiny_llama), "dtype": "float32"})
+    ev = OmegaConf.structured(EvalConfig(tasks=toy_task_names(), limit=8, batch_size=8, log_samples=False))
+    metrics = evaluate(model, tok, ev, tmp_path).metrics
+    for key in ("toy_arith/exact_match", "toy_arith_hard/exact_match", "toy_arith_mc/acc", "toy_arith_mc/acc_norm",
+                "toy_ppl/word_perplexity", "toy_ppl/bits_per_byte", "toy_arith/response_tokens"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert 0.0 <= metrics["toy_arith_mc/acc"] <= 1.0 and metrics["toy_ppl/bits_per_byte"] > 0
+    assert not list(tmp_path.glob("samples_*"))
+
+
+def test_flatten_metrics():
+    raw = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "exact_match,strict-match": 1,
+                 "exact_match_stderr,strict-match": 0.1}}
+    assert flatten_metrics(raw) == {"t/acc": 0.5, "t/exact_match@strict-match": 1.0,
+                                    "t/exact_match_stderr@strict-match": 0.1}
+
+
+def test_eval_spec_checks(tmp_path):
+    ok = OmegaConf.structured(EvalConfig(tasks=["toy_arith"]))
+    assert check_eval_spec(ok) == []
+    bad = OmegaConf.structured(EvalConfig(tasks=["toy_arth"], include_path=[str(tmp_path / "nope")]))
+    assert check_eval_spec(bad) == [f"eval.include_path: folder '{tmp_path / 'nope'}' not found"]
+    custom = tmp_path / "tasks"
+    custom.mkdir()
+    (custom / "mine.yaml").write_text("task: my_task\n")
+    assert check_eval_spec(OmegaConf.structured(EvalConfig(tasks=["my_task"], include_path=[str(custom)]))) == []
+
+
+def test_unknown_task_gets_a_suggestion():
+    problems = check_eval_spec(OmegaConf.structured(EvalConfig(tasks=["toy_arth"])))
+    assert len(problems) == 1 and "eval.tasks: unknown task 'toy_arth'. Did you mean 'toy_arith'?" in problems[0]

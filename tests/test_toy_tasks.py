@@ -1,0 +1,97 @@
+import random
+import re
+
+import pytest
+
+from runner.toy import tasks
+from runner.toy.tasks import Problem, TaskSpec
+
+SPEC = TaskSpec()
+
+
+def test_problem_arithmetic_and_rendering():
+    p = Problem((23, 45, 17))
+    assert p.answer == 85
+    assert p.expression() == "23+45+17"
+    assert p.question() == "23+45+17=?"
+    assert p.steps() == ["23+45=68", "68+17=85"]
+    assert tasks.render(p, "plain") == {"text": "23+45+17:23+45=68,68+17=85"}
+    assert tasks.render(Problem((2, 3)), "plain") == {"text": "2+3=5"}
+    chat = tasks.render(p, "thinking")["messages"]
+    assert chat[0] == {"role": "user", "content": "23+45+17=?"}
+    assert chat[1]["content"] == "<think>23+45+17:23+45=68,68+17=85</think>85"
+    assert tasks.render(p, "instruct")["messages"][1]["content"] == "23+45+17=85"
+    assert tasks.render(Problem((2, 3)), "thinking")["messages"][1]["content"] == "<think>2+3=5</think>5"
+
+
+def test_subtraction_runs_left_to_right():
+    p = Problem((20, 5, 7), ("-", "+"))
+    assert p.answer == 22
+    assert p.steps() == ["20-5=15", "15+7=22"]
+
+
+def test_test_splits_are_fixed_and_distinct():
+    easy, hard = tasks.test_problems(SPEC, "easy"), tasks.test_problems(SPEC, "hard")
+    assert len(easy) == len(set(easy)) == SPEC.test_size
+    assert len(hard) == len(set(hard)) == SPEC.test_size
+    assert all(len(p.operands) == 2 for p in easy) and all(len(p.operands) == 3 for p in hard)
+    assert all(0 <= x <= SPEC.max_value for p in easy + hard for x in p.operands)
+    tasks.test_problems.cache_clear()
+    assert tasks.test_problems(SPEC, "easy") == easy  # a pure function of the world seed
+
+
+@pytest.mark.parametrize("fmt", ["plain", "instruct", "thinking"])
+def test_training_data_never_contains_a_test_problem_or_easy_test_fact(fmt):
+    easy_facts = {p.steps()[0] for p in tasks.test_problems(SPEC, "easy")}
+    hard_questions = {p.expression() for p in tasks.test_problems(SPEC, "hard")}
+    easy_questions = {p.expression() for p in tasks.test_problems(SPEC, "easy")}
+    rng = random.Random(0)
+    for _ in range(5000):
+        p = tasks.sample_problem(rng, SPEC, "mixed", fact_range=fmt == "plain")
+        assert p.expression() not in hard_questions and p.expression() not in easy_questions
+        assert not any(step in easy_facts for step in p.steps())
+
+
+def test_examples_are_deterministic_per_seed():
+    a = tasks.make_examples(SPEC, "instruct", "mixed", 50, seed=3)
+    assert a == tasks.make_examples(SPEC, "instruct", "mixed", 50, seed=3)
+    assert a != tasks.make_examples(SPEC, "instruct", "mixed", 50, seed=4)
+
+
+def test_variation_changes_phrasing_not_the_answer():
+    examples = tasks.make_examples(SPEC, "instruct", "easy", 300, seed=0, variation=1.0)
+    responses = [e["messages"][1]["content"] for e in examples]
+    shapes = {re.sub(r"\d+", "#", r) for r in responses}
+    assert len(shapes) == len(tasks.PHRASINGS) - 1  # every other phrasing, never the default
+    assert "#+#=#" not in shapes and "#" in shapes
+    for e in examples:
+        q = e["messages"][0]["content"].removesuffix("=?")
+        assert tasks.final_answer(e["messages"][1]["content"]) == eval(q)  # noqa: S307 (our own arithmetic)
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("85", 85),
+    ("The answer is 85.", 85),
+    ("<think>23+45=68,68+17=85</think>85", 85),
+    ("<think>23+45=68,68+17=85</think>", None),  # the working alone is not an answer
+    ("<think>23+45=68", None),  # unterminated think block: nothing after it counts
+    ("23+45+17 = 85", 85),
+    ("no number", None),
+    ("-4", -4),
+])
+def test_final_answer_strips_the_think_block(response, expected):
+    assert tasks.final_answer(response) == expected
+
+
+def test_mc_choices_hold_the_answer_once():
+    for p in tasks.test_problems(SPEC, "easy")[:200]:
+        choices, label = tasks.mc_choices(p)
+        assert len(choices) == 4 and len(set(choices)) == 4
+        assert choices[label] == str(p.answer)
+
+
+def test_spec_rejects_bad_knobs():
+    with pytest.raises(ValueError, match="ops"):
+        TaskSpec(ops=("*",))
+    with pytest.raises(ValueError, match="hard_operands"):
+        TaskSpec(hard_operands=2)
