@@ -1,0 +1,40 @@
+# The runner's entry points. `make setup` then `make test` is the whole set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build by default (the one on PyPI's CPU index / this machine's wheel cache). For a CUDA machine:
+#   make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: setup test test-fast run zoo zoo-eval bench clean-outputs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+setup: $(BIN)/python  ## create .venv and install the runner with its dev tools (CPU torch)
+	$(BIN)/pip install $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev,tensorboard,joblib]"
+
+test:  ## the whole test suite (offline)
+	$(BIN)/python -m pytest -q tests
+
+test-fast:  ## the suite without the slow tests (no full toy zoo build)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+run:  ## the demo job (override with RECIPE=...)
+	$(BIN)/python -m runner recipe=$(or $(RECIPE),sft)
+
+zoo:  ## build the toy zoo (cached under ~/.cache/runner) and measure it
+	$(BIN)/python -m runner.toy.zoo build all
+	$(BIN)/python -m runner.toy.zoo eval
+
+bench:  ## benchmarks against peers, printed as ratios
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean-outputs:  ## delete run and sweep folders (never the toy zoo cache)
+	rm -rf outputs multirun
