@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,25 @@ def check_data_spec(data: Any, key: str = "data") -> list[str]:
             problems.append(f"{key}.path: file {data.path!r} not found")
         else:
             problems += _check_jsonl(Path(data.path).expanduser(), data, key)
-    elif source == "hub" and not data.name:
-        problems.append(f"{key}.name: missing; give the hub dataset id (e.g. tatsu-lab/alpaca)")
+    elif source == "hub":
+        problems += _check_hub(data, key)
     return problems
+
+
+def _check_hub(data: Any, key: str) -> list[str]:
+    """The dataset resolves (from the local cache when offline) without downloading its data."""
+    if not data.name:
+        return [f"{key}.name: missing; give the hub dataset id (e.g. tatsu-lab/alpaca)"]
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(data.name, data.subset)
+    except Exception as exc:  # datasets raises many types for missing or offline datasets
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "false", "")
+        hint = " (HF_DATASETS_OFFLINE is set and no cached copy was found)" if offline else ""
+        return [f"{key}.name: cannot load hub dataset {data.name!r}{hint}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}; use a cached dataset or data.source=jsonl"]
+    return []
 
 
 def _check_jsonl(path: Path, data: Any, key: str) -> list[str]:

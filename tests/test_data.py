@@ -127,3 +127,9 @@ def test_overlong_examples_are_dropped_not_silently_trained_on_prompt(toy_tokeni
     cfg = data_cfg(format="thinking", difficulty="hard", num_examples=10, max_length=9)
     with pytest.raises(ConfigError, match="no example has a trainable token"):
         build_dataset(cfg, toy_tokenizer)
+
+
+def test_uncached_hub_dataset_is_refused_before_work():
+    problems = check_data_spec(data_cfg(source="hub", name="someone/not-a-cached-dataset"))
+    assert len(problems) == 1 and problems[0].startswith("data.name: cannot load hub dataset 'someone/not-a-cached-dataset'")
+    assert "HF_DATASETS_OFFLINE" in problems[0]

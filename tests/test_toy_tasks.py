@@ -24,18 +24,21 @@ def test_problem_arithmetic_and_rendering():
     assert tasks.render(Problem((2, 3)), "thinking")["messages"][1]["content"] == "<think>2+3=5</think>5"
 
 
-def test_subtraction_runs_left_to_right():
-    p = Problem((20, 5, 7), ("-", "+"))
-    assert p.answer == 22
-    assert p.steps() == ["20-5=15", "15+7=22"]
+def test_operators_run_left_to_right():
+    p = Problem((7, 9, 17), ("*", "+"))
+    assert p.answer == 80 and p.question() == "7*9+17=?"
+    assert tasks.render(p, "plain") == {"text": "7*9+17:7*9=63,63+17=80"}
+    assert tasks.render(p, "thinking")["messages"][1]["content"] == "<think>7*9+17:7*9=63,63+17=80</think>80"
+    assert Problem((20, 5, 7), ("-", "+")).steps() == ["20-5=15", "15+7=22"]
 
 
 def test_test_splits_are_fixed_and_distinct():
     easy, hard = tasks.test_problems(SPEC, "easy"), tasks.test_problems(SPEC, "hard")
     assert len(easy) == len(set(easy)) == SPEC.test_size
     assert len(hard) == len(set(hard)) == SPEC.test_size
-    assert all(len(p.operands) == 2 for p in easy) and all(len(p.operands) == 3 for p in hard)
-    assert all(0 <= x <= SPEC.max_value for p in easy + hard for x in p.operands)
+    assert all(p.operators == ("+",) and max(p.operands) <= SPEC.max_value for p in easy)
+    assert all(p.operators == ("*", "+") and max(p.operands[:2]) <= SPEC.mul_max and p.operands[2] <= SPEC.max_value
+               for p in hard)
     tasks.test_problems.cache_clear()
     assert tasks.test_problems(SPEC, "easy") == easy  # a pure function of the world seed
 
@@ -90,8 +93,16 @@ def test_mc_choices_hold_the_answer_once():
         assert choices[label] == str(p.answer)
 
 
-def test_spec_rejects_bad_knobs():
-    with pytest.raises(ValueError, match="ops"):
-        TaskSpec(ops=("*",))
-    with pytest.raises(ValueError, match="hard_operands"):
-        TaskSpec(hard_operands=2)
+def test_pretraining_facts_cover_every_step_of_hard_working():
+    rng = random.Random(0)
+    facts = [tasks.sample_problem(rng, SPEC, "easy", fact_range=True) for _ in range(20000)]
+    products = {p.expression() for p in facts if p.operators == ("*",)}
+    assert len(products) == (SPEC.mul_max + 1) ** 2  # the whole multiplication table
+    assert max(p.operands[0] for p in facts if p.operators == ("+",)) == SPEC.mul_max ** 2
+
+
+def test_spec_and_problem_reject_bad_input():
+    with pytest.raises(ValueError, match="mul_max"):
+        TaskSpec(mul_max=1)
+    with pytest.raises(ValueError, match="operators"):
+        Problem((1, 2), ("/",))

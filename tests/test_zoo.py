@@ -63,7 +63,7 @@ def test_full_zoo_is_genuinely_trained(tmp_path):
     hard = {n: m[n]["toy_arith_hard/exact_match"] for n in m}
     print(json.dumps(m, indent=1))
     assert em["toy-instruct"] >= 0.8 and em["toy-teacher"] >= 0.8
-    assert hard["toy-thinking"] >= hard["toy-instruct"] + 0.2
+    assert hard["toy-thinking"] >= hard["toy-instruct"] + 0.1
     assert m["toy-thinking"]["toy_arith_hard/response_tokens"] > 2 * m["toy-instruct"]["toy_arith_hard/response_tokens"]
     assert m["toy-thinking"]["toy_arith_hard/think_rate"] > 0.95 and m["toy-instruct"]["toy_arith_hard/think_rate"] == 0
     assert em["toy-student"] <= em["toy-teacher"] - 0.3

@@ -15,7 +15,7 @@ HEADLINE = (
     ("toy_arith_hard/response_tokens", "hard resp. tokens"),
     ("toy_arith_hard/think_rate", "think rate"),
     ("toy_arith_mc/acc", "MC acc"),
-    ("toy_ppl/word_perplexity", "ppl (plain)"),
+    ("toy_ppl/bits_per_byte", "bits/byte (plain)"),
 )
 
 

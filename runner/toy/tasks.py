@@ -1,18 +1,21 @@
 """Synthetic integer arithmetic: the tasks of the toy world.
 
-A problem is a chain of operands joined by operators, e.g. ``23+45+17``. Its difficulty is the
-number of operands (``easy``: 2, ``hard``: `TaskSpec.hard_operands`) and the size of the operands
-(`TaskSpec.max_value`). Each problem renders in three formats:
+A problem is operands joined by operators and evaluated left to right. ``easy`` problems add two
+numbers (``23+45``, operands 0..`TaskSpec.max_value`); ``hard`` ones multiply two small numbers and
+add a third (``7*9+17``, factors 0..`TaskSpec.mul_max`). A small model can add several numbers in
+one step (a sum is linear in the operands), but a product followed by a sum takes two lookups,
+which is where working step by step pays off. Each problem renders in three formats:
 
-- ``plain``: pretraining text, either a fact ``23+45=68`` or worked text
-  ``23+45+17:23+45=68,68+17=85``;
-- ``instruct``: a chat, question -> short answer (``23+45+17=85``, or with `variation` another
-  phrasing such as ``The answer is 85.``);
-- ``thinking``: a chat, question -> ``<think>23+45+17:23+45=68,68+17=85</think>85``.
+- ``plain``: pretraining text, either a fact (``23+45=68``, ``7*9=63``) or worked text
+  (``7*9+17:7*9=63,63+17=80``);
+- ``instruct``: a chat, question -> short answer (``7*9+17=80``, or with `variation` another
+  phrasing such as ``The answer is 80.``);
+- ``thinking``: a chat, question -> ``<think>7*9+17:7*9=63,63+17=80</think>80``.
 
 Test problems are a fixed function of `TaskSpec.world_seed` and never appear in training data:
 sampling rejects every held-out problem, and every problem whose working contains a held-out
-two-operand fact, so an easy test fact is never seen at all (its mirror image, b+a, may be).
+addition fact, so an easy test fact is never seen at all (its mirror image, b+a, may be).
+Multiplication facts are all seen: the hard split tests combining known facts.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from functools import lru_cache
 
 FORMATS = ("plain", "instruct", "thinking")
 DIFFICULTIES = ("easy", "hard", "mixed")
-OPERATORS = ("+", "-")
+OPERATORS = ("+", "-", "*")
+MUL_FACT_SHARE = 0.3  # share of pretraining facts that are products
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(" + re.escape(THINK_CLOSE) + r"|$)", re.S)
@@ -32,7 +36,7 @@ _INTEGER = re.compile(r"-?\d+")
 
 # Interchangeable phrasings around the core answer (the DESIGN's optional surface variation).
 # The first is the default: restating the expression lets a model reuse the facts it saw in
-# pretraining text ("23+45=68") instead of learning to add at a new position.
+# pretraining text ("23+45=68") instead of learning to compute at a new position.
 PHRASINGS = (
     "{q}={a}",
     "{a}",
@@ -47,20 +51,18 @@ PHRASINGS = (
 class TaskSpec:
     """The difficulty knobs of the toy world. Changing any of them changes every split."""
 
-    max_value: int = 49  # operands are drawn from 0..max_value
-    hard_operands: int = 3  # operands in a `hard` problem (`easy` has 2)
-    ops: tuple[str, ...] = ("+",)  # operators drawn between operands
+    max_value: int = 49  # addends are drawn from 0..max_value
+    mul_max: int = 12  # factors of hard problems are drawn from 0..mul_max
     world_seed: int = 1234  # fixes the held-out test problems
     test_size: int = 300  # problems per held-out split
 
     def __post_init__(self):
-        if self.max_value < 2:
-            raise ValueError(f"max_value must be >= 2, got {self.max_value}")
-        if self.hard_operands < 3:
-            raise ValueError(f"hard_operands must be >= 3, got {self.hard_operands}")
-        bad = [o for o in self.ops if o not in OPERATORS]
-        if bad or not self.ops:
-            raise ValueError(f"ops must be a non-empty subset of {OPERATORS}, got {self.ops}")
+        if self.max_value < 2 or self.mul_max < 2:
+            raise ValueError(f"max_value and mul_max must be >= 2, got {self.max_value} and {self.mul_max}")
+
+    @property
+    def largest_running_value(self) -> int:
+        return max(self.max_value, self.mul_max ** 2)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class Problem:
     def __post_init__(self):
         if not self.operators:
             object.__setattr__(self, "operators", ("+",) * (len(self.operands) - 1))
+        bad = [o for o in self.operators if o not in OPERATORS]
+        if bad or len(self.operators) != len(self.operands) - 1:
+            raise ValueError(f"need {len(self.operands) - 1} operators from {OPERATORS}, got {self.operators}")
 
     @property
     def answer(self) -> int:
@@ -79,7 +84,8 @@ class Problem:
     def running_values(self) -> list[int]:
         values = [self.operands[0]]
         for op, x in zip(self.operators, self.operands[1:]):
-            values.append(values[-1] + x if op == "+" else values[-1] - x)
+            v = values[-1]
+            values.append(v + x if op == "+" else v - x if op == "-" else v * x)
         return values
 
     def expression(self) -> str:
@@ -108,14 +114,11 @@ class Problem:
 # Held-out test problems
 
 
-def _draw(rng: random.Random, spec: TaskSpec, n_operands: int) -> Problem:
-    operands = tuple(rng.randint(0, spec.max_value) for _ in range(n_operands))
-    operators = tuple(rng.choice(spec.ops) for _ in range(n_operands - 1))
-    return Problem(operands, operators)
-
-
-def _operand_count(spec: TaskSpec, difficulty: str) -> int:
-    return 2 if difficulty == "easy" else spec.hard_operands
+def _draw(rng: random.Random, spec: TaskSpec, difficulty: str) -> Problem:
+    if difficulty == "easy":
+        return Problem((rng.randint(0, spec.max_value), rng.randint(0, spec.max_value)), ("+",))
+    factors = (rng.randint(0, spec.mul_max), rng.randint(0, spec.mul_max))
+    return Problem((*factors, rng.randint(0, spec.max_value)), ("*", "+"))
 
 
 @lru_cache(maxsize=16)
@@ -125,11 +128,10 @@ def test_problems(spec: TaskSpec, difficulty: str) -> tuple[Problem, ...]:
         raise ValueError(f"test splits are 'easy' and 'hard', got {difficulty!r}")
     rng = random.Random(f"{spec.world_seed}-test-{difficulty}")
     seen: dict[Problem, None] = {}
-    n_ops = _operand_count(spec, difficulty)
-    possible = (spec.max_value + 1) ** n_ops * len(spec.ops) ** (n_ops - 1)
+    possible = (spec.max_value + 1) ** 2 if difficulty == "easy" else (spec.mul_max + 1) ** 2 * (spec.max_value + 1)
     target = min(spec.test_size, possible // 4)
     while len(seen) < target:
-        seen.setdefault(_draw(rng, spec, n_ops))
+        seen.setdefault(_draw(rng, spec, difficulty))
     return tuple(seen)
 
 
@@ -151,25 +153,26 @@ def is_held_out(spec: TaskSpec, problem: Problem) -> bool:
 def sample_problem(rng: random.Random, spec: TaskSpec, difficulty: str, *, fact_range: bool = False) -> Problem:
     """One training problem that is not held out.
 
-    `fact_range` widens the first operand of easy problems to every running value a hard chain
-    can reach, so pretraining text covers every step the working of a hard problem uses.
+    `fact_range` makes easy problems pretraining facts instead: products of factors up to
+    `mul_max`, and sums whose first operand is any running value a hard problem can reach, so
+    pretraining text holds every step the working of a hard problem uses.
     """
     if difficulty == "mixed":
         difficulty = rng.choice(("easy", "hard"))
     while True:
         if difficulty == "easy" and fact_range:
-            hi = (spec.hard_operands - 1) * spec.max_value
-            a = rng.randint(0, hi)
-            op = rng.choice(spec.ops)
-            problem = Problem((a, rng.randint(0, spec.max_value)), (op,))
+            if rng.random() < MUL_FACT_SHARE:
+                problem = Problem((rng.randint(0, spec.mul_max), rng.randint(0, spec.mul_max)), ("*",))
+            else:
+                problem = Problem((rng.randint(0, spec.largest_running_value), rng.randint(0, spec.max_value)), ("+",))
         else:
-            problem = _draw(rng, spec, _operand_count(spec, difficulty))
+            problem = _draw(rng, spec, difficulty)
         if not is_held_out(spec, problem):
             return problem
 
 
 def working(problem: Problem) -> str:
-    """The plain-text working: ``23+45=68`` or ``23+45+17:23+45=68,68+17=85``.
+    """The plain-text working: ``23+45=68`` or ``7*9+17:7*9=63,63+17=80``.
 
     No spaces: the byte-level pre-tokenizer would make " 68" and "68" different tokens.
     """

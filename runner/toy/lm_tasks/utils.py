@@ -26,10 +26,11 @@ def load_hard(**kwargs):
 
 
 def load_mc(**kwargs):
+    """Each choice is a whole answer in the default phrasing ("40+33=73"), as a chat model would say it."""
     rows = []
     for p in test_problems(TaskSpec(), "easy"):
         choices, label = mc_choices(p)
-        rows.append({"question": p.question(), "choices": choices, "label": label})
+        rows.append({"question": p.question(), "choices": [f"{p.expression()}={c}" for c in choices], "label": label})
     return _dataset(rows)
 
 
