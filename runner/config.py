@@ -17,17 +17,18 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from runner.errors import ConfigError
 
 ROLES = ("model", "teacher", "student", "base", "instruct", "thinking", "tuned_base", "reference")
-METHOD_BLOCKS = ("loss", "selector", "graft", "merge", "quant", "noise", "onpolicy")
+METHOD_BLOCKS = ("loss", "selector", "graft", "merge", "quant", "noise", "onpolicy", "lora")
 
 
-def _range(lo=None, hi=None, *, lo_open=False, choices=None, nullable=True) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "nullable": nullable}
+def bounds(lo=None, hi=None, *, lo_open=False, choices=None) -> dict:
+    """Field metadata checked by `check_fields`: a range (lo open or closed, hi closed) or choices."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
 
 
 @dataclass
 class ModelSpec:
     path: str = MISSING  # toy zoo name, local folder or hub id
-    dtype: str = field(default="auto", metadata=_range(choices=("auto", "float32", "bfloat16", "float16")))
+    dtype: str = field(default="auto", metadata=bounds(choices=("auto", "float32", "bfloat16", "float16")))
     trust_remote_code: bool = False
     revision: Optional[str] = None
 
@@ -44,11 +45,11 @@ class DataFields:
 
 @dataclass
 class DataConfig:
-    source: str = field(default="toy", metadata=_range(choices=("toy", "jsonl", "hub")))
+    source: str = field(default="toy", metadata=bounds(choices=("toy", "jsonl", "hub")))
     # toy world
     format: str = "instruct"  # plain | instruct | thinking
     difficulty: str = "mixed"  # easy | hard | mixed
-    variation: float = field(default=0.0, metadata=_range(0, 1))  # probability of a varied phrasing around the answer
+    variation: float = field(default=0.0, metadata=bounds(0, 1))  # probability of a varied phrasing around the answer
     # files and hub
     path: Optional[str] = None  # JSONL file (source=jsonl)
     name: Optional[str] = None  # hub dataset id (source=hub)
@@ -57,37 +58,37 @@ class DataConfig:
     fields: DataFields = field(default_factory=DataFields)
     system_prompt: Optional[str] = None
     # all sources
-    num_examples: Optional[int] = field(default=None, metadata=_range(1))  # toy: how many to generate (default 20000); files: a cap
+    num_examples: Optional[int] = field(default=None, metadata=bounds(1))  # toy: how many to generate (default 20000); files: a cap
     chat_template: Optional[bool] = None  # null: use the tokenizer's chat template if it has one
-    max_length: int = field(default=256, metadata=_range(8))
+    max_length: int = field(default=256, metadata=bounds(8))
     packing: bool = False
     seed: int = 0
 
 
 @dataclass
 class TrainConfig:
-    steps: Optional[int] = field(default=200, metadata=_range(1))  # optimizer steps; null: from epochs
-    epochs: float = field(default=1.0, metadata=_range(0, lo_open=True))
-    batch_size: int = field(default=16, metadata=_range(1))  # per process, per micro-step
-    grad_accum: int = field(default=1, metadata=_range(1))
-    lr: float = field(default=3e-4, metadata=_range(0, lo_open=True))
+    steps: Optional[int] = field(default=200, metadata=bounds(1))  # optimizer steps; null: from epochs
+    epochs: float = field(default=1.0, metadata=bounds(0, lo_open=True))
+    batch_size: int = field(default=16, metadata=bounds(1))  # per process, per micro-step
+    grad_accum: int = field(default=1, metadata=bounds(1))
+    lr: float = field(default=3e-4, metadata=bounds(0, lo_open=True))
     lr_scheduler: str = field(
         default="cosine",
-        metadata=_range(choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")),
+        metadata=bounds(choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")),
     )
-    warmup_ratio: float = field(default=0.1, metadata=_range(0, 1))
-    warmup_steps: Optional[int] = field(default=None, metadata=_range(0))  # overrides warmup_ratio
-    min_lr_ratio: float = field(default=0.0, metadata=_range(0, 1))
-    weight_decay: float = field(default=0.0, metadata=_range(0))
+    warmup_ratio: float = field(default=0.1, metadata=bounds(0, 1))
+    warmup_steps: Optional[int] = field(default=None, metadata=bounds(0))  # overrides warmup_ratio
+    min_lr_ratio: float = field(default=0.0, metadata=bounds(0, 1))
+    weight_decay: float = field(default=0.0, metadata=bounds(0))
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = field(default=1e-8, metadata=_range(0, lo_open=True))
-    max_grad_norm: float = field(default=1.0, metadata=_range(0))  # 0 disables clipping
-    save_every: int = field(default=0, metadata=_range(0))  # checkpoint every N steps; 0: never mid-run
-    keep_last: int = field(default=1, metadata=_range(1))
+    adam_eps: float = field(default=1e-8, metadata=bounds(0, lo_open=True))
+    max_grad_norm: float = field(default=1.0, metadata=bounds(0))  # 0 disables clipping
+    save_every: int = field(default=0, metadata=bounds(0))  # checkpoint every N steps; 0: never mid-run
+    keep_last: int = field(default=1, metadata=bounds(1))
     resume: str = "auto"  # auto | never | <checkpoint folder>
-    log_every: int = field(default=10, metadata=_range(1))
+    log_every: int = field(default=10, metadata=bounds(1))
     gradient_checkpointing: bool = False
-    mixed_precision: str = field(default="no", metadata=_range(choices=("no", "bf16", "fp16")))
+    mixed_precision: str = field(default="no", metadata=bounds(choices=("no", "bf16", "fp16")))
     cpu: Optional[bool] = None  # null: CPU when no GPU is present
     tensorboard: bool = False
     seed: int = 0
@@ -96,16 +97,16 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tasks: List[str] = field(default_factory=list)  # empty: no evaluation
-    limit: Optional[int] = field(default=None, metadata=_range(1))
-    batch_size: int = field(default=32, metadata=_range(1))
-    num_fewshot: Optional[int] = field(default=None, metadata=_range(0))
+    limit: Optional[int] = field(default=None, metadata=bounds(1))
+    batch_size: int = field(default=32, metadata=bounds(1))
+    num_fewshot: Optional[int] = field(default=None, metadata=bounds(0))
     baseline: bool = False  # also evaluate the recipe's input model
     chat_template: Optional[bool] = None  # null: use the tokenizer's chat template if it has one
     enable_thinking: Optional[bool] = None  # passed to the chat template when set
-    max_gen_toks: Optional[int] = field(default=None, metadata=_range(1))
+    max_gen_toks: Optional[int] = field(default=None, metadata=bounds(1))
     include_path: List[str] = field(default_factory=list)  # extra folders of task YAMLs
     log_samples: bool = True
-    bootstrap_iters: int = field(default=0, metadata=_range(0))
+    bootstrap_iters: int = field(default=0, metadata=bounds(0))
     seed: int = 1234
 
 
@@ -139,6 +140,7 @@ class RunConfig:
     quant: Dict[str, Any] = field(default_factory=dict)
     noise: Dict[str, Any] = field(default_factory=dict)
     onpolicy: Dict[str, Any] = field(default_factory=dict)
+    lora: Dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

@@ -311,7 +311,7 @@ def _print_summary(cfg: DictConfig, results: dict[str, Any]) -> None:
 
     from runner.evaluate import metrics_table
 
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=120)
     if results["metrics"]:
         console.print(metrics_table(results["metrics"], results["baseline_metrics"] or None, title=f"{cfg.name}: results"))
     train = results.get("train")
@@ -340,6 +340,11 @@ def main_job(cfg: DictConfig) -> dict[str, Any] | None:
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
 
 
+def _not_custom_kwargs_note(record: logging.LogRecord) -> bool:
+    # lm-eval warns on every task with a custom dataset loader, which every toy task has
+    return "Custom kwargs" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
     """Keep the console to the runner's own lines: library progress bars and INFO chatter off."""
     import transformers
@@ -348,6 +353,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_warning()
     for name in ("lm_eval", "lm-eval", "datasets", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    task_log = logging.getLogger("lm_eval.api.task")
+    if _not_custom_kwargs_note not in task_log.filters:
+        task_log.addFilter(_not_custom_kwargs_note)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:

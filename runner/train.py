@@ -1,6 +1,6 @@
 """The one training loop, shared by every recipe that trains.
 
-A recipe supplies a loss function ``loss_fn(model, batch) -> LossOutput`` (the mean loss of one
+A recipe supplies a loss function ``loss_fn(model, batch, step) -> LossOutput`` (the mean loss of one
 micro-batch and the number of tokens it averaged over); the loop does the rest: accelerate
 (single process, or DDP under ``accelerate launch``), AdamW with a warm-up schedule, gradient
 accumulation, clipping, periodic atomic checkpoints with optimizer and RNG state, resume, a NaN/inf
@@ -50,7 +50,9 @@ class LossOutput:
     logs: dict[str, float] = field(default_factory=dict)  # extra per-micro-batch values to log
 
 
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
+# loss_fn(model, batch, step): `step` (0-based optimizer step) lets a loss make per-step choices
+# (on-policy sampling) that a resumed run repeats exactly.
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], int], LossOutput]
 
 
 @dataclass
@@ -67,7 +69,7 @@ class TrainResult:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int = 0) -> LossOutput:
     """Token-mean cross-entropy on the label tokens (fp32 logits)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()
@@ -268,7 +270,7 @@ def train(
                 sync = micro == accum - 1
                 with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
                     with accelerator.autocast():
-                        out = loss_fn(model, batch)
+                        out = loss_fn(model, batch, step)
                     n = torch.as_tensor(out.num_tokens, device=accelerator.device, dtype=torch.float32)
                     finite = bool(torch.isfinite(out.loss))
                     # Backward of the token *sum*; the step rescales by the global token count.

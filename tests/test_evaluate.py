@@ -67,7 +67,7 @@ def test_eval_stage_covers_every_toy_task_kind(tiny_llama, tmp_path):
     ev = OmegaConf.structured(EvalConfig(tasks=toy_task_names(), limit=8, batch_size=8, log_samples=False))
     metrics = evaluate(model, tok, ev, tmp_path).metrics
     for key in ("toy_arith/exact_match", "toy_arith_hard/exact_match", "toy_arith_mc/acc", "toy_arith_mc/acc_norm",
-                "toy_ppl/word_perplexity", "toy_ppl/bits_per_byte", "toy_arith/response_tokens"):
+                "toy_ppl/byte_perplexity", "toy_ppl/bits_per_byte", "toy_arith/response_tokens"):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
     assert 0.0 <= metrics["toy_arith_mc/acc"] <= 1.0 and metrics["toy_ppl/bits_per_byte"] > 0
     assert not list(tmp_path.glob("samples_*"))

@@ -117,9 +117,9 @@ def test_checkpoints_are_atomic_and_pruned(tiny_llama, examples, tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_llama, examples, tmp_path):
     calls = {"n": 0}
 
-    def flaky(model, batch):
+    def flaky(model, batch, step):
         calls["n"] += 1
-        out = causal_lm_loss(model, batch)
+        out = causal_lm_loss(model, batch, step)
         if calls["n"] == 5:
             return LossOutput(out.loss * float("nan"), out.num_tokens)
         return out

@@ -1,0 +1,213 @@
+"""Knowledge distillation: teacher -> student with any registered KD divergence.
+
+Modes (``onpolicy.mode``):
+
+- ``off``: KD on dataset batches (DistiLLM/AKL/LoCa style), optionally mixed with CE
+  (``loss.kd_ratio``: the KD weight; CE gets ``1 - kd_ratio``);
+- ``gkd``: a fraction of the batches are answered by the student first (TRL GKD);
+- ``gopd``: every batch is a student rollout trained by PPO-clip on G-OPD advantages.
+
+``lora.enabled=true`` trains the student through LoRA adapters (LLM-Neo) and saves the merged
+model as a plain checkpoint. The teacher and student must share a tokenizer; embedding rows
+beyond the tokenizer's length (vocabulary padding) are ignored, with a note.
+
+    python -m runner recipe=akl_distill
+    python -m runner -m recipe=fkl_distill,rkl_distill,skl_distill,srkl_distill,jsd_distill,tvd_distill,akl_distill
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from recipes.distill import losses  # noqa: F401  (registers the kd_loss entries)
+from recipes.distill.objective import KDObjective, check_plain_head
+from recipes.distill.onpolicy import GKD, GOPD, Sampling
+from runner import registry
+from runner.config import bounds, check_fields, to_container
+from runner.data import build_dataset
+from runner.errors import ConfigError
+from runner.models import check_same_vocab, load_tokenizer, resolve_model_path
+from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.registry import did_you_mean, register
+from runner.train import train
+
+
+@dataclass
+class LocaConfig:
+    enabled: bool = False
+    alpha: float = field(default=0.9, metadata=bounds(0, 1, lo_open=True))
+
+
+@dataclass
+class LossConfig:
+    """The recipe's own `loss` keys; the divergence's parameters (mu, beta, ...) sit beside them."""
+
+    name: str = "fkl"
+    temperature: float = field(default=1.0, metadata=bounds(0, lo_open=True))
+    kd_ratio: float = field(default=1.0, metadata=bounds(0, 1))
+    chunk_size: int = field(default=0, metadata=bounds(0))
+    topk: int = field(default=0, metadata=bounds(0))
+    loca: LocaConfig = field(default_factory=LocaConfig)
+
+
+@dataclass
+class OnPolicyConfig:
+    mode: str = field(default="off", metadata=bounds(choices=("off", "gkd", "gopd")))
+    student_fraction: float = field(default=0.5, metadata=bounds(0, 1))  # GKD's lambda
+    reward_scale: float = field(default=1.25, metadata=bounds(0, lo_open=True))  # G-OPD's lambda (1 = OPD)
+    clip_eps: float = field(default=0.2, metadata=bounds(0, 1, lo_open=True))
+    max_new_tokens: int = field(default=32, metadata=bounds(1))
+    temperature: float = field(default=1.0, metadata=bounds(0, lo_open=True))
+    top_p: float = field(default=1.0, metadata=bounds(0, 1, lo_open=True))
+    top_k: int = field(default=0, metadata=bounds(0))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = field(default=64, metadata=bounds(1))
+    alpha: Optional[float] = None  # default 2 * rank, as LLM-Neo
+    dropout: float = field(default=0.0, metadata=bounds(0, 1))
+    targets: str = "all-linear"  # peft target_modules: "all-linear" or a comma-separated list
+
+
+# Ranges of the divergences' own parameters.
+DIVERGENCE_PARAM_RANGES = {"skew_alpha": (0.0, 1.0, False), "beta": (0.0, 1.0, False), "mu": (0.0, 1.0, True),
+                           "eps": (0.0, None, True)}
+
+
+def _block(cfg: DictConfig, key: str, schema: type) -> DictConfig:
+    """The config block merged over its schema defaults (unknown keys are reported separately)."""
+    known = {f for f in schema.__dataclass_fields__}
+    present = {k: v for k, v in (to_container(cfg.get(key)) or {}).items() if k in known}
+    return OmegaConf.merge(OmegaConf.structured(schema), present)
+
+
+def _unknown(cfg: DictConfig, key: str, allowed: set[str]) -> list[str]:
+    return [f"{key}.{k}: unknown key.{did_you_mean(k, allowed)} Allowed: {', '.join(sorted(allowed))}"
+            for k in (cfg.get(key) or {}) if k not in allowed]
+
+
+@register("recipe", "distill")
+class Distill(Recipe):
+    roles = ("teacher", "student")
+    blocks = ("loss", "onpolicy", "lora")
+    uses_data = True
+    baseline_role = "student"
+
+    # ----------------------------------------------------------------------------------------
+    def validate(self, cfg: DictConfig) -> list[str]:
+        problems = []
+        try:
+            loss = _block(cfg, "loss", LossConfig)
+            onpolicy = _block(cfg, "onpolicy", OnPolicyConfig)
+            lora = _block(cfg, "lora", LoraConfig)
+        except Exception as exc:  # OmegaConf type errors, e.g. loss.kd_ratio=abc
+            return [f"{str(exc).splitlines()[0]}"]
+        problems += check_fields(loss, LossConfig, "loss") + check_fields(onpolicy, OnPolicyConfig, "onpolicy")
+        problems += check_fields(lora, LoraConfig, "lora")
+        problems += _unknown(cfg, "onpolicy", set(OnPolicyConfig.__dataclass_fields__))
+        problems += _unknown(cfg, "lora", set(LoraConfig.__dataclass_fields__))
+        if loss.name not in registry.names("kd_loss"):
+            problems.append(registry.unknown_name_message("kd_loss", loss.name, registry.names("kd_loss"), key="loss.name"))
+            return problems
+        per_token = registry.get("kd_loss", loss.name).per_token
+        own = set(LossConfig.__dataclass_fields__)
+        div_params = {k: v for k, v in (cfg.get("loss") or {}).items() if k not in own}
+        problems += [p.replace("unknown parameter.", f"unknown key for loss {loss.name!r}.")
+                     for p in registry.check_params(per_token, div_params, key="loss", skip=2)]
+        for k, v in div_params.items():
+            if k in DIVERGENCE_PARAM_RANGES and isinstance(v, (int, float)):
+                lo, hi, lo_open = DIVERGENCE_PARAM_RANGES[k]
+                if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+                    problems.append(f"loss.{k}: {v} is out of range; it must be {'>' if lo_open else '>='} {lo}"
+                                    + (f" and <= {hi}" if hi is not None else ""))
+        if onpolicy.mode != "off" and cfg.data.packing:
+            problems.append("data.packing: on-policy modes answer each example's prompt, so they need "
+                            "data.packing=false")
+        if onpolicy.mode == "gopd" and loss.loca.enabled:
+            problems.append("loss.loca.enabled: LoCa needs ground-truth labels; G-OPD trains only on "
+                            "student rollouts")
+        return problems
+
+    # ----------------------------------------------------------------------------------------
+    def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
+        loss_cfg = _block(cfg, "loss", LossConfig)
+        onpolicy = _block(cfg, "onpolicy", OnPolicyConfig)
+        lora = _block(cfg, "lora", LoraConfig)
+
+        # The tokenizers are compared before any weights are loaded.
+        tok_student = load_tokenizer(resolve_model_path(cfg.student), trust_remote_code=cfg.student.trust_remote_code)
+        tok_teacher = load_tokenizer(resolve_model_path(cfg.teacher), trust_remote_code=cfg.teacher.trust_remote_code)
+        check_same_vocab(tok_teacher, tok_student, "teacher", "student")
+
+        student, tokenizer = ctx.load_model("student")
+        teacher, _ = ctx.load_model("teacher")
+        teacher.eval().requires_grad_(False)
+        vocab_size = self._common_vocab(student, teacher, len(tokenizer), ctx)
+        if loss_cfg.chunk_size:
+            check_plain_head(student, "student")
+            check_plain_head(teacher, "teacher")
+
+        reference = copy.deepcopy(student).eval().requires_grad_(False) if onpolicy.mode == "gopd" else None
+        if lora.enabled:
+            student = self._with_lora(student, lora)
+
+        divergence = registry.get("kd_loss", loss_cfg.name).per_token
+        params = {k: v for k, v in to_container(cfg.loss).items() if k not in LossConfig.__dataclass_fields__}
+        objective = KDObjective(divergence, params, temperature=loss_cfg.temperature, kd_ratio=loss_cfg.kd_ratio,
+                                loca_alpha=loss_cfg.loca.alpha if loss_cfg.loca.enabled else None,
+                                topk=loss_cfg.topk, chunk_size=loss_cfg.chunk_size, vocab_size=vocab_size)
+        sampling = Sampling(onpolicy.max_new_tokens, onpolicy.temperature, onpolicy.top_p, onpolicy.top_k)
+        unwrap = ctx.accelerator.unwrap_model
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if onpolicy.mode == "gkd":
+            loss_fn = GKD(objective, teacher, unwrap, onpolicy.student_fraction, sampling, pad, eos, cfg.train.seed)
+        elif onpolicy.mode == "gopd":
+            loss_fn = GOPD(teacher, reference, unwrap, onpolicy.reward_scale, onpolicy.clip_eps, sampling, pad, eos)
+        else:
+            def loss_fn(model, batch, step):
+                return objective(model, teacher, batch)
+
+        examples = build_dataset(cfg.data, tokenizer)
+        ctx.log.info("distilling %s -> %s with %s (%s) on %d examples", cfg.teacher.path, cfg.student.path,
+                     loss_cfg.name, onpolicy.mode, len(examples))
+        result = train(student, examples, loss_fn, cfg.train, accelerator=ctx.accelerator, run_dir=ctx.run_dir,
+                       pad_id=pad, resume_from=ctx.resume_from, desc=f"distill[{loss_cfg.name}]")
+        student = ctx.accelerator.unwrap_model(student)
+        if lora.enabled:
+            student = student.merge_and_unload()  # a plain model: W + (alpha/r) * B @ A
+        checkpoint = ctx.save(student, tokenizer) if cfg.save_checkpoint else None
+        return RecipeResult(checkpoint=checkpoint, model=student, tokenizer=tokenizer, train=result,
+                            extra={"distill": {"loss": loss_cfg.name, "mode": onpolicy.mode, "lora": lora.enabled,
+                                               "compared_vocab": vocab_size}})
+
+    @staticmethod
+    def _common_vocab(student, teacher, tokenizer_len: int, ctx: RunContext) -> int:
+        """Logit rows compared: the tokenizer's length; rows beyond it are padding and are dropped."""
+        sizes = {"student": student.get_output_embeddings().weight.shape[0],
+                 "teacher": teacher.get_output_embeddings().weight.shape[0]}
+        short = {k: v for k, v in sizes.items() if v < tokenizer_len}
+        if short:
+            raise ConfigError(f"{', '.join(short)}: output layer has fewer rows ({short}) than the tokenizer has "
+                              f"tokens ({tokenizer_len}); the checkpoint does not match its tokenizer")
+        padded = {k: v for k, v in sizes.items() if v > tokenizer_len}
+        if padded:
+            ctx.log.info("note: ignoring padded vocabulary rows beyond the tokenizer's %d tokens (%s)", tokenizer_len,
+                         ", ".join(f"{k}: {v}" for k, v in padded.items()))
+        return tokenizer_len
+
+    @staticmethod
+    def _with_lora(student, lora: DictConfig):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        targets = lora.targets if lora.targets == "all-linear" else [t.strip() for t in lora.targets.split(",")]
+        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
+                                lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+        return get_peft_model(student, config)
+

@@ -1,0 +1,119 @@
+"""The distillation training objective: KD divergence mixed with CE, optionally chunked over tokens.
+
+Only the response tokens (labels != -100 after the causal shift) enter the loss. Two paths give
+the same value and gradient:
+
+- ``chunk_size=0`` (naive): both models produce full ``[B, T, V]`` logits, as most KD code does;
+- ``chunk_size=N``: both models return hidden states (logits for one position only), and the
+  LM-head projection, softmaxes, divergence and CE run over N tokens at a time inside activation
+  checkpointing. Peak memory holds one chunk's ``[N, V]`` tensors instead of ``[B*T, V]`` ones,
+  whatever the batch, sequence or vocabulary size. This assumes a plain linear LM head (llama,
+  qwen, mistral, ...); models with logit soft-capping or scaling are refused.
+
+Optional: LoCa teacher calibration (needs labels, so only on dataset batches) and a top-k teacher
+(both distributions restricted to the teacher's k most likely tokens and renormalised there: the
+subset KL of NeMo-RL, exact for that subset and biased against the full-vocabulary divergence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from recipes.distill.losses import PerToken, loca_calibrate, log_probs
+from runner.data import shift_labels
+from runner.errors import ConfigError
+from runner.train import LossOutput
+
+
+@dataclass
+class KDObjective:
+    divergence: PerToken
+    params: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    kd_ratio: float = 1.0  # weight of the KD term; CE gets 1 - kd_ratio
+    loca_alpha: float | None = None  # LoCa calibration of the teacher, off when None
+    topk: int = 0  # 0: the full vocabulary
+    chunk_size: int = 0  # 0: full logits; N: N tokens at a time from hidden states
+    vocab_size: int | None = None  # compare only the first V logits (the tokenizer's length)
+
+    def __call__(self, student, teacher, batch: dict[str, torch.Tensor], *, generated: bool = False) -> LossOutput:
+        """Loss of one micro-batch. `generated` marks student-written responses: no LoCa, no CE."""
+        targets, mask = shift_labels(batch["labels"])
+        n = int(mask.sum())
+        if self.chunk_size:
+            s_hidden = _last_hidden(student, batch)[:, :-1][mask]
+            with torch.no_grad():
+                t_hidden = _last_hidden(teacher, batch)[:, :-1][mask]
+            s_head, t_head = _head(student), _head(teacher)
+            kd_sum = ce_sum = s_hidden.new_zeros(())
+            for i in range(0, n, self.chunk_size):
+                sl = slice(i, i + self.chunk_size)
+                kd, ce = checkpoint(self._chunk, s_hidden[sl], s_head, t_hidden[sl], t_head, targets[mask][sl],
+                                    generated, use_reentrant=False)
+                kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+        else:
+            s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with torch.no_grad():
+                t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kd_sum, ce_sum = self._sums(s_logits[:, :-1][mask], t_logits[:, :-1][mask], targets[mask], generated)
+        denom = max(n, 1)
+        kd, ce = kd_sum / denom, ce_sum / denom
+        ce_weight = 0.0 if generated else 1.0 - self.kd_ratio
+        kd_weight = 1.0 if generated else self.kd_ratio
+        loss = kd_weight * kd + ce_weight * ce
+        return LossOutput(loss, n, {"kd": float(kd.detach()), "ce": float(ce.detach())})
+
+    def _chunk(self, s_hidden, s_head, t_hidden, t_head, targets, generated):
+        s_logits = _project(s_hidden, *s_head)
+        with torch.no_grad():
+            t_logits = _project(t_hidden, *t_head)
+        return self._sums(s_logits, t_logits, targets, generated)
+
+    def _sums(self, s_logits, t_logits, targets, generated):
+        """(sum of per-token divergence, sum of per-token CE) over a flat [N, V] selection."""
+        if self.vocab_size is not None:
+            s_logits, t_logits = s_logits[..., : self.vocab_size], t_logits[..., : self.vocab_size]
+        ce = F.cross_entropy(s_logits.float(), targets, reduction="sum")
+        s = log_probs(s_logits, self.temperature)
+        t = log_probs(t_logits, self.temperature)
+        if self.loca_alpha is not None and not generated:
+            t = loca_calibrate(t, targets, self.loca_alpha)
+        if self.topk:
+            keep = t.topk(self.topk, dim=-1).indices
+            s = torch.log_softmax(s.gather(-1, keep), dim=-1)
+            t = torch.log_softmax(t.gather(-1, keep), dim=-1)
+        return self.divergence(s, t, **self.params).sum(), ce
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model
+
+
+def _last_hidden(model, batch) -> torch.Tensor:
+    # Through the (possibly DDP-wrapped) model, so gradient sync works; logits for one position only.
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def _head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = _unwrap(model).get_output_embeddings()
+    return head.weight, head.bias
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(hidden, weight, bias)
+
+
+def check_plain_head(model, role: str) -> None:
+    """Chunked logits recompute the head as a plain projection; refuse models whose head is not one."""
+    config = _unwrap(model).config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ConfigError(f"loss.chunk_size: the {role} scales or caps its logits ({attr}); "
+                              "set loss.chunk_size=0 for this model")

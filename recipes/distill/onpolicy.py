@@ -1,0 +1,132 @@
+"""On-policy distillation: the student writes the responses it is trained on.
+
+- **GKD** (Agarwal et al.; TRL ``GKDTrainer``): at each optimizer step, with probability
+  ``student_fraction`` (TRL's lambda) the batch's prompts are answered by the student and the KD
+  divergence is taken on those responses (LoCa and CE off: there is no ground truth); otherwise the
+  dataset batch is used as is.
+- **G-OPD / ExOPD** (spec distill.md section 5): every batch is a student rollout; each sampled
+  token gets the advantage ``A_t = lam * (log p_T - log p_ref) - (log p_old - log p_ref)`` from the
+  teacher, the reference (the student's initial weights) and the student that sampled, and the
+  student takes a PPO-clip step on it (token-mean). ``lam = reward_scale``: 1 is plain OPD, 1.25
+  (the released scripts) extrapolates past the teacher. With one update per rollout, as in the
+  reference scripts (n=1, one PPO epoch), the sampling policy is the current one, so the ratio is 1
+  and the clip never binds; it is kept for the same objective under larger rollout batches.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from recipes.distill.objective import KDObjective
+from runner.data import IGNORE, collate, shift_labels
+from runner.errors import ConfigError
+from runner.train import LossOutput
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's tokens before its first trained token (its prompt, chat template included)."""
+    prompts = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained = (labels != IGNORE).nonzero()
+        if len(trained) == 0:
+            raise ConfigError("onpolicy: a batch row has no response to replace; on-policy modes need "
+                              "prompt/response or chat data (data.packing=false)")
+        prompts.append(ids[: int(trained[0])].tolist())
+    return prompts
+
+
+@torch.no_grad()
+def rollout(model, batch: dict[str, torch.Tensor], sampling: Sampling, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+    """A new batch: the same prompts, answered by `model` (sampled), trained on the answers only."""
+    prompts = prompts_of(batch)
+    width = max(len(p) for p in prompts)
+    device = batch["input_ids"].device
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding for generation
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        attention[i, width - len(p):] = 1
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
+                         top_p=sampling.top_p, top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
+                         pad_token_id=pad_id, eos_token_id=eos_id)
+    model.train(was_training)
+    rows = []
+    for p, gen in zip(prompts, out[:, width:].tolist()):
+        if eos_id in gen:
+            gen = gen[: gen.index(eos_id) + 1]
+        gen = gen or [eos_id]
+        rows.append({"input_ids": p + gen, "labels": [IGNORE] * len(p) + gen})
+    return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+
+
+class GKD:
+    """Mix dataset batches and student rollouts; one KD objective for both."""
+
+    def __init__(self, objective: KDObjective, teacher, unwrap: Callable, student_fraction: float,
+                 sampling: Sampling, pad_id: int, eos_id: int, seed: int):
+        self.objective, self.teacher, self.unwrap = objective, teacher, unwrap
+        self.fraction, self.sampling, self.pad_id, self.eos_id, self.seed = student_fraction, sampling, pad_id, eos_id, seed
+
+    def uses_student(self, step: int) -> bool:
+        # a pure function of (seed, step): a resumed run draws the same sources as an uninterrupted one
+        return random.Random(self.seed * 1_000_003 + step).random() < self.fraction
+
+    def __call__(self, model, batch, step: int) -> LossOutput:
+        generated = self.uses_student(step)
+        if generated:
+            batch = rollout(self.unwrap(model), batch, self.sampling, self.pad_id, self.eos_id)
+        out = self.objective(model, self.teacher, batch, generated=generated)
+        out.logs["on_policy"] = float(generated)
+        return out
+
+
+def _token_logps(model, batch) -> torch.Tensor:
+    """log p(y_t | y_<t) of every next token, shape [B, T-1] (fp32)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets, _ = shift_labels(batch["labels"])
+    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+class GOPD:
+    """G-OPD / ExOPD: PPO-clip on per-token advantages from teacher, reference and student."""
+
+    def __init__(self, teacher, reference, unwrap: Callable, reward_scale: float, clip_eps: float,
+                 sampling: Sampling, pad_id: int, eos_id: int):
+        self.teacher, self.reference, self.unwrap = teacher, reference, unwrap
+        self.scale, self.clip_eps, self.sampling, self.pad_id, self.eos_id = reward_scale, clip_eps, sampling, pad_id, eos_id
+
+    def __call__(self, model, batch, step: int) -> LossOutput:
+        batch = rollout(self.unwrap(model), batch, self.sampling, self.pad_id, self.eos_id)
+        _, mask = shift_labels(batch["labels"])
+        logp = _token_logps(model, batch)
+        with torch.no_grad():
+            logp_teacher = _token_logps(self.teacher, batch)
+            logp_ref = _token_logps(self.reference, batch)
+        advantage, loss = opd_advantage_and_loss(logp, logp.detach(), logp_teacher, logp_ref, self.scale, self.clip_eps)
+        n = mask.sum()
+        mean = lambda x: (x * mask).sum() / n.clamp(min=1)  # noqa: E731
+        logs = {"advantage": float(mean(advantage)), "reverse_kl": float(mean(logp.detach() - logp_teacher))}
+        return LossOutput(mean(loss), n, logs)
+
+
+def opd_advantage_and_loss(logp, logp_old, logp_teacher, logp_ref, reward_scale: float, clip_eps: float):
+    """Per-token advantage (no gradient) and PPO-clip loss, both shaped like `logp`."""
+    advantage = (reward_scale * (logp_teacher - logp_ref) - (logp_old - logp_ref)).detach()
+    ratio = torch.exp((logp - logp_old).clamp(-20.0, 20.0))
+    loss = -torch.minimum(ratio * advantage, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantage)
+    return advantage, loss

@@ -1,0 +1,118 @@
+"""``python -m runner.report <run-or-sweep-dir> [...]``: one table over the runs under some folders.
+
+Every ``results.json`` below the given folders becomes a row: the run's folder, its command-line
+overrides (from ``.hydra/overrides.yaml``), its status and its metrics, with the change against the
+run's own baseline (the input model) where one was evaluated. Failed runs are listed as failed, never
+dropped. The table is printed and written as ``report.csv`` and ``report.md`` beside the runs.
+
+    python -m runner.report outputs/multirun/2026-11-22/12-30-00-000000
+    python -m runner.report outputs/multirun/... --metrics 'toy_arith*/exact_match,*/bits_per_byte'
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_METRICS = "*/exact_match,*/acc,*/response_tokens,*/bits_per_byte"
+
+
+def collect(paths: list[Path]) -> list[dict]:
+    """The runs under `paths` (each a run folder or any folder above some), in folder order."""
+    runs = []
+    for root in paths:
+        for results in sorted(root.rglob("results.json"), key=lambda p: _natural(p.parent)):
+            data = json.loads(results.read_text())
+            overrides = results.parent / ".hydra" / "overrides.yaml"
+            data["_dir"] = results.parent
+            data["_overrides"] = _read_overrides(overrides) if overrides.is_file() else []
+            runs.append(data)
+    return runs
+
+
+def _natural(path: Path) -> list:
+    # "10-x" after "9-x": numeric prefixes of multirun job folders sort as numbers
+    head = path.name.split("-", 1)[0]
+    return [str(path.parent), int(head) if head.isdigit() else float("inf"), path.name]
+
+
+def _read_overrides(path: Path) -> list[str]:
+    import yaml
+
+    return [str(o) for o in (yaml.safe_load(path.read_text()) or []) if not str(o).startswith(("hydra.", "output_root="))]
+
+
+def select_metrics(runs: list[dict], patterns: str) -> list[str]:
+    names = sorted({k for r in runs for k in (r.get("metrics") or {})})
+    chosen = []
+    for pattern in patterns.split(","):
+        chosen += [n for n in names if fnmatch.fnmatch(n, pattern.strip()) and n not in chosen]
+    return chosen
+
+
+def rows(runs: list[dict], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "overrides", "status", *metrics, *[f"Δ {m}" for m in metrics]]
+    out = []
+    for r in runs:
+        values, base = r.get("metrics") or {}, r.get("baseline_metrics") or {}
+        cells = [r["_dir"].name, " ".join(r["_overrides"]), str(r.get("status"))]
+        cells += [_fmt(values.get(m)) for m in metrics]
+        cells += [_fmt(values[m] - base[m], signed=True) if m in values and m in base else "" for m in metrics]
+        out.append(cells)
+    keep = [i for i, h in enumerate(header) if not h.startswith("Δ") or any(row[i] for row in out)]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in out]
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return ""
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def write(header: list[str], table: list[list[str]], out_dir: Path) -> tuple[Path, Path]:
+    csv_path, md_path = out_dir / "report.csv", out_dir / "report.md"
+    with csv_path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *table])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders, sweep folders, or folders above them")
+    parser.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated glob patterns ({DEFAULT_METRICS})")
+    parser.add_argument("--out", type=Path, default=None, help="where report.csv/report.md go (default: first path)")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.is_dir()]
+    if missing:
+        print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    runs = collect(args.paths)
+    if not runs:
+        print(f"error: no results.json under {', '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
+    header, table = rows(runs, select_metrics(runs, args.metrics))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = Table(title=f"{len(runs)} run(s)")
+    for h in header:
+        shown.add_column(h, justify="left" if h in ("run", "overrides", "status") else "right")
+    for row in table:
+        shown.add_row(*row, style=None if row[2] == "completed" else "red")
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(shown)
+    csv_path, md_path = write(header, table, args.out or args.paths[0])
+    console.print(f"wrote {csv_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+import csv
+import json
+
+from runner.report import main
+
+
+def fake_run(folder, overrides, status, metrics, baseline=None):
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / "results.json").write_text(json.dumps({"status": status, "metrics": metrics,
+                                                     "baseline_metrics": baseline or {}, "error": None}))
+
+
+def test_report_over_a_sweep_with_a_failed_job(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    base = {"toy_arith/exact_match": 0.10, "toy_ppl/bits_per_byte": 5.0}
+    fake_run(sweep / "0-fkl", ["recipe=fkl_distill", "output_root=/x"], "completed",
+             {"toy_arith/exact_match": 0.40, "toy_ppl/bits_per_byte": 6.0, "toy_arith/acc_norm": 0.3}, base)
+    fake_run(sweep / "1-akl", ["recipe=akl_distill"], "failed", {})
+    fake_run(sweep / "10-tvd", ["recipe=tvd_distill"], "completed", {"toy_arith/exact_match": 0.55}, base)
+    fake_run(sweep / "2-jsd", ["recipe=jsd_distill"], "completed", {"toy_arith/exact_match": 0.25}, base)
+    assert main([str(sweep)]) == 0
+    with (sweep / "report.csv").open() as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["run", "overrides", "status", "toy_arith/exact_match", "toy_ppl/bits_per_byte",
+                        "Δ toy_arith/exact_match", "Δ toy_ppl/bits_per_byte"]
+    assert [row[0] for row in table[1:]] == ["0-fkl", "1-akl", "2-jsd", "10-tvd"]  # numeric job order
+    assert table[1] == ["0-fkl", "recipe=fkl_distill", "completed", "0.400", "6.000", "+0.300", "+1.000"]
+    assert table[2] == ["1-akl", "recipe=akl_distill", "failed", "", "", "", ""]  # failed runs stay visible
+    assert table[4][5] == "+0.450"
+    assert (sweep / "report.md").read_text().startswith("| run | overrides | status |")
+    assert "4 run(s)" in capsys.readouterr().out
+
+
+def test_metric_patterns_and_errors(tmp_path, capsys):
+    fake_run(tmp_path / "run", [], "completed", {"a/acc": 0.5, "a/acc_norm": 0.6, "b/exact_match": 1.0})
+    assert main([str(tmp_path), "--metrics", "*/acc_norm"]) == 0
+    with (tmp_path / "report.csv").open() as f:
+        assert next(csv.reader(f)) == ["run", "overrides", "status", "a/acc_norm"]
+    assert main([str(tmp_path / "nope")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    assert "no results.json" in capsys.readouterr().err
