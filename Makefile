@@ -33,7 +33,8 @@ zoo:  ## build the toy zoo (cached under ~/.cache/runner) and measure it
 	$(BIN)/python -m runner.toy.zoo build all
 	$(BIN)/python -m runner.toy.zoo eval
 
-bench:  ## benchmarks against peers, printed as ratios
+bench:  ## benchmarks against peers (TRL from the bench extra), printed as ratios
+	$(BIN)/pip install -q -e ".[bench]"
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean-outputs:  ## delete run and sweep folders (never the toy zoo cache)

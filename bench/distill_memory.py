@@ -6,7 +6,8 @@ own process and reports the peak resident memory of the step above the process's
 before it (CPU: the growth of ru_maxrss; CUDA: max_memory_allocated).
 
 Step time: the toy pair (toy-teacher -> toy-student) on toy chats, one KD step (teacher forward +
-student forward/backward) against one plain SFT step of the same student, same batches.
+student forward/backward) against one plain SFT step of the same student and against the teacher's
+forward alone (the floor any KD step pays), same batches.
 
     python bench/distill_memory.py [--vocabs 8192,32768,65536,131072] [--chunk 256]
 """
@@ -61,8 +62,8 @@ def measure(vocab: int, chunk: int, batch: int, seq: int) -> dict:
     return {"vocab": vocab, "chunk": chunk, "peak_mib": (peak - base) / 2**20, "seconds": seconds}
 
 
-def step_times(steps: int) -> tuple[float, float]:
-    """Median seconds per step of plain SFT and of KD on the toy pair, interleaved."""
+def step_times(steps: int) -> dict[str, float]:
+    """Median seconds per step of plain SFT, of the teacher's forward alone, and of KD; interleaved."""
     import statistics
 
     import torch
@@ -77,18 +78,24 @@ def step_times(steps: int) -> tuple[float, float]:
     student, tok = load_model({"path": "toy-student", "dtype": "float32"})
     teacher, _ = load_model({"path": "toy-teacher", "dtype": "float32"})
     teacher.eval().requires_grad_(False)
-    rows = build_dataset(DataConfig(source="toy", format="instruct", num_examples=4000, max_length=64, packing=True,
+    rows = build_dataset(DataConfig(source="toy", format="instruct", num_examples=20000, max_length=64, packing=True,
                                     seed=0), tok)
     kd = KDObjective(forward_kl, vocab_size=len(tok))
-    times = {"sft": [], "kd": []}
+    def teacher_forward(batch):
+        with torch.no_grad():
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    times = {"sft": [], "teacher_forward": [], "kd": []}
     for step in range(steps):
         batch = collate(rows[step * 32:(step + 1) * 32], tok.pad_token_id)
-        for name, fn in (("sft", lambda: causal_lm_loss(student, batch)), ("kd", lambda: kd(student, teacher, batch))):
+        for name, fn in (("sft", lambda: causal_lm_loss(student, batch).loss.backward()),
+                         ("teacher_forward", lambda: teacher_forward(batch)),
+                         ("kd", lambda: kd(student, teacher, batch).loss.backward())):
             t0 = time.perf_counter()
-            fn().loss.backward()
+            fn()
             times[name].append(time.perf_counter() - t0)
             student.zero_grad(set_to_none=True)
-    return statistics.median(times["sft"][2:]), statistics.median(times["kd"][2:])
+    return {k: statistics.median(v[2:]) for k, v in times.items()}
 
 
 def main():
@@ -116,8 +123,10 @@ def main():
         naive, chunked = res[0], res[args.chunk]
         print(f"{vocab:>8} {naive['peak_mib']:>10.0f} {chunked['peak_mib']:>12.0f} "
               f"{chunked['peak_mib'] / naive['peak_mib']:>7.2f} {naive['seconds']:>8.2f} {chunked['seconds']:>10.2f}")
-    sft, kd = step_times(args.steps)
-    print(f"toy pair, batch 32 x 64: SFT step {sft * 1000:.1f} ms, KD step {kd * 1000:.1f} ms, ratio KD/SFT {kd / sft:.2f}")
+    t = step_times(args.steps)
+    print(f"toy pair, batch 32 x 64 (forward+backward): SFT {t['sft'] * 1000:.1f} ms, teacher forward "
+          f"{t['teacher_forward'] * 1000:.1f} ms, KD {t['kd'] * 1000:.1f} ms; KD/SFT {t['kd'] / t['sft']:.2f}, "
+          f"floor (SFT + teacher forward)/SFT {(t['sft'] + t['teacher_forward']) / t['sft']:.2f}")
 
 
 if __name__ == "__main__":

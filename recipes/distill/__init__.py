@@ -177,7 +177,8 @@ class Distill(Recipe):
         ctx.log.info("distilling %s -> %s with %s (%s) on %d examples", cfg.teacher.path, cfg.student.path,
                      loss_cfg.name, onpolicy.mode, len(examples))
         result = train(student, examples, loss_fn, cfg.train, accelerator=ctx.accelerator, run_dir=ctx.run_dir,
-                       pad_id=pad, resume_from=ctx.resume_from, desc=f"distill[{loss_cfg.name}]")
+                       pad_id=pad, resume_from=ctx.resume_from,
+                       desc=f"distill[{'gopd' if onpolicy.mode == 'gopd' else loss_cfg.name}]")
         student = ctx.accelerator.unwrap_model(student)
         if lora.enabled:
             student = student.merge_and_unload()  # a plain model: W + (alpha/r) * B @ A
