@@ -40,7 +40,12 @@ def runner_loop(model, rows, steps, batch_size, lr, pad_id):
     from omegaconf import OmegaConf
 
     from runner.config import TrainConfig
-    from runner.train import causal_lm_loss, make_accelerator, reset_accelerator_state, train
+    from runner.train import (
+        causal_lm_loss,
+        make_accelerator,
+        reset_accelerator_state,
+        train,
+    )
 
     reset_accelerator_state()
     cfg = OmegaConf.structured(TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=0.0,

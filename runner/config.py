@@ -8,8 +8,8 @@ collects every problem and raises one `ConfigError`.
 """
 
 import dataclasses
-from dataclasses import dataclass, field
 import typing
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -175,13 +175,20 @@ def check_fields(node: Any, schema: type, key: str) -> list[str]:
                 problems.append(f"{full}: {value!r} is not allowed.{did_you_mean(str(value), meta['choices'])} "
                                 f"Choose one of {', '.join(map(str, meta['choices']))}")
             continue
-        lo, hi = meta["lo"], meta["hi"]
-        below = lo is not None and (value <= lo if meta["lo_open"] else value < lo)
-        if below or (hi is not None and value > hi):
-            bounds = [f"{'>' if meta['lo_open'] else '>='} {lo}"] if lo is not None else []
-            bounds += [f"<= {hi}"] if hi is not None else []
-            problems.append(f"{full}: {value} is out of range; it must be {' and '.join(bounds)}")
+        problem = range_problem(full, value, meta["lo"], meta["hi"], meta["lo_open"])
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def range_problem(key: str, value: float, lo=None, hi=None, lo_open: bool = False) -> str | None:
+    """The message for a value outside [lo, hi] (or (lo, hi]), or None when it is inside."""
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    if not below and not (hi is not None and value > hi):
+        return None
+    limits = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
+    limits += [f"<= {hi}"] if hi is not None else []
+    return f"{key}: {value} is out of range; it must be {' and '.join(limits)}"
 
 
 def _dataclass_in(hint: Any) -> type | None:

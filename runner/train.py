@@ -24,8 +24,8 @@ import math
 import re
 import shutil
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,7 +276,8 @@ def train(
                     # Backward of the token *sum*; the step rescales by the global token count.
                     accelerator.backward(out.loss * n if finite else _zero_graph(model))
                 loss_sum += out.loss.detach().float().nan_to_num() * n
-                counts += torch.stack([n, batch["attention_mask"].sum().float(), torch.tensor(0.0 if finite else 1.0)])
+                bad_micro = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
+                counts += torch.stack([n, batch["attention_mask"].sum().float(), bad_micro])
                 for k, v in out.logs.items():
                     extra[k] = extra.get(k, 0.0) + float(v) / accum
             totals = accelerator.reduce(torch.cat([counts, loss_sum.view(1)]), reduction="sum")
@@ -364,7 +365,14 @@ def _fmt(logs: dict[str, float]) -> str:
 
 def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),

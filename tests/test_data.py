@@ -1,11 +1,18 @@
 import json
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from runner.config import DataConfig
-from runner.data import IGNORE, build_dataset, check_data_spec, collate, pack, shift_labels, tokenize_record
+from runner.data import (
+    IGNORE,
+    build_dataset,
+    check_data_spec,
+    collate,
+    pack,
+    shift_labels,
+    tokenize_record,
+)
 from runner.errors import ConfigError
 
 

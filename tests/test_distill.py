@@ -7,7 +7,13 @@ import torch
 
 from recipes.distill.losses import adaptive_kl, forward_kl, generalized_jsd
 from recipes.distill.objective import KDObjective
-from recipes.distill.onpolicy import GKD, Sampling, opd_advantage_and_loss, prompts_of, rollout
+from recipes.distill.onpolicy import (
+    GKD,
+    Sampling,
+    opd_advantage_and_loss,
+    prompts_of,
+    rollout,
+)
 from runner.config import DataConfig
 from runner.data import IGNORE, build_dataset, collate
 from runner.errors import ConfigError

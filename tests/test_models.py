@@ -4,7 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runner.models import check_model_folder, check_model_spec, load_model, save_checkpoint
+from runner.models import (
+    check_model_folder,
+    check_model_spec,
+    load_model,
+    save_checkpoint,
+)
 from tests.conftest import make_tiny_model
 
 

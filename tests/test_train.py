@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -8,7 +7,15 @@ from runner.config import DataConfig, TrainConfig
 from runner.data import build_dataset, collate
 from runner.errors import TrainingDiverged
 from runner.models import load_model
-from runner.train import BatchPlan, LossOutput, causal_lm_loss, find_last_state, lr_factor, make_accelerator, train
+from runner.train import (
+    BatchPlan,
+    LossOutput,
+    causal_lm_loss,
+    find_last_state,
+    lr_factor,
+    make_accelerator,
+    train,
+)
 
 
 def train_cfg(**kw):

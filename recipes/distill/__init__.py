@@ -27,7 +27,7 @@ from recipes.distill import losses  # noqa: F401  (registers the kd_loss entries
 from recipes.distill.objective import KDObjective, check_plain_head
 from recipes.distill.onpolicy import GKD, GOPD, Sampling
 from runner import registry
-from runner.config import bounds, check_fields, to_container
+from runner.config import bounds, check_fields, range_problem, to_container
 from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.models import check_same_vocab, load_tokenizer, resolve_model_path
@@ -123,9 +123,7 @@ class Distill(Recipe):
         for k, v in div_params.items():
             if k in DIVERGENCE_PARAM_RANGES and isinstance(v, (int, float)):
                 lo, hi, lo_open = DIVERGENCE_PARAM_RANGES[k]
-                if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
-                    problems.append(f"loss.{k}: {v} is out of range; it must be {'>' if lo_open else '>='} {lo}"
-                                    + (f" and <= {hi}" if hi is not None else ""))
+                problems += [p for p in [range_problem(f"loss.{k}", v, lo, hi, lo_open)] if p]
         if onpolicy.mode != "off" and cfg.data.packing:
             problems.append("data.packing: on-policy modes answer each example's prompt, so they need "
                             "data.packing=false")

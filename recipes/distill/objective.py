@@ -49,12 +49,12 @@ class KDObjective:
             s_hidden = _last_hidden(student, batch)[:, :-1][mask]
             with torch.no_grad():
                 t_hidden = _last_hidden(teacher, batch)[:, :-1][mask]
-            s_head, t_head = _head(student), _head(teacher)
+            s_head, t_head, kept = _head(student), _head(teacher), targets[mask]
             kd_sum = ce_sum = s_hidden.new_zeros(())
             for i in range(0, n, self.chunk_size):
                 sl = slice(i, i + self.chunk_size)
-                kd, ce = checkpoint(self._chunk, s_hidden[sl], s_head, t_hidden[sl], t_head, targets[mask][sl],
-                                    generated, use_reentrant=False)
+                kd, ce = checkpoint(self._chunk, s_hidden[sl], s_head, t_hidden[sl], t_head, kept[sl], generated,
+                                    use_reentrant=False)
                 kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
         else:
             s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
