@@ -24,12 +24,13 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from recipes.distill import losses  # noqa: F401  (registers the kd_loss entries)
-from recipes.distill.objective import KDObjective, check_plain_head
+from recipes.distill.objective import KDObjective
 from recipes.distill.onpolicy import GKD, GOPD, Sampling
 from runner import registry
 from runner.config import bounds, check_fields, range_problem, to_container
 from runner.data import build_dataset
 from runner.errors import ConfigError
+from runner.lm_head import check_plain_head
 from runner.models import check_same_vocab, load_tokenizer, resolve_model_path
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import did_you_mean, register

@@ -4,11 +4,10 @@ Only the response tokens (labels != -100 after the causal shift) enter the loss.
 the same value and gradient:
 
 - ``chunk_size=0`` (naive): both models produce full ``[B, T, V]`` logits, as most KD code does;
-- ``chunk_size=N``: both models return hidden states (logits for one position only), and the
-  LM-head projection, softmaxes, divergence and CE run over N tokens at a time inside activation
+- ``chunk_size=N``: both models return hidden states (`runner.lm_head`), and the LM-head
+  projection, softmaxes, divergence and CE run over N tokens at a time inside activation
   checkpointing. Peak memory holds one chunk's ``[N, V]`` tensors instead of ``[B*T, V]`` ones,
-  whatever the batch, sequence or vocabulary size. This assumes a plain linear LM head (llama,
-  qwen, mistral, ...); models with logit soft-capping or scaling are refused.
+  whatever the batch, sequence or vocabulary size.
 
 Optional: LoCa teacher calibration (needs labels, so only on dataset batches) and a top-k teacher
 (both distributions restricted to the teacher's k most likely tokens and renormalised there: the
@@ -26,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recipes.distill.losses import PerToken, loca_calibrate, log_probs
 from runner.data import shift_labels
-from runner.errors import ConfigError
+from runner.lm_head import last_hidden_states, output_head, project
 from runner.train import LossOutput
 
 
@@ -46,10 +45,10 @@ class KDObjective:
         targets, mask = shift_labels(batch["labels"])
         n = int(mask.sum())
         if self.chunk_size:
-            s_hidden = _last_hidden(student, batch)[:, :-1][mask]
+            s_hidden = last_hidden_states(student, batch)[:, :-1][mask]
             with torch.no_grad():
-                t_hidden = _last_hidden(teacher, batch)[:, :-1][mask]
-            s_head, t_head, kept = _head(student), _head(teacher), targets[mask]
+                t_hidden = last_hidden_states(teacher, batch)[:, :-1][mask]
+            s_head, t_head, kept = output_head(student), output_head(teacher), targets[mask]
             kd_sum = ce_sum = s_hidden.new_zeros(())
             for i in range(0, n, self.chunk_size):
                 sl = slice(i, i + self.chunk_size)
@@ -69,9 +68,9 @@ class KDObjective:
         return LossOutput(loss, n, {"kd": float(kd.detach()), "ce": float(ce.detach())})
 
     def _chunk(self, s_hidden, s_head, t_hidden, t_head, targets, generated):
-        s_logits = _project(s_hidden, *s_head)
+        s_logits = project(s_hidden, s_head)
         with torch.no_grad():
-            t_logits = _project(t_hidden, *t_head)
+            t_logits = project(t_hidden, t_head)
         return self._sums(s_logits, t_logits, targets, generated)
 
     def _sums(self, s_logits, t_logits, targets, generated):
@@ -88,32 +87,3 @@ class KDObjective:
             s = torch.log_softmax(s.gather(-1, keep), dim=-1)
             t = torch.log_softmax(t.gather(-1, keep), dim=-1)
         return self.divergence(s, t, **self.params).sum(), ce
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model
-
-
-def _last_hidden(model, batch) -> torch.Tensor:
-    # Through the (possibly DDP-wrapped) model, so gradient sync works; logits for one position only.
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
-                logits_to_keep=1)
-    return out.hidden_states[-1]
-
-
-def _head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = _unwrap(model).get_output_embeddings()
-    return head.weight, head.bias
-
-
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(hidden, weight, bias)
-
-
-def check_plain_head(model, role: str) -> None:
-    """Chunked logits recompute the head as a plain projection; refuse models whose head is not one."""
-    config = _unwrap(model).config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ConfigError(f"loss.chunk_size: the {role} scales or caps its logits ({attr}); "
-                              "set loss.chunk_size=0 for this model")
