@@ -233,6 +233,24 @@ def check_unused_blocks(cfg: DictConfig, used: tuple[str, ...], kind: str) -> li
     ]
 
 
+def method_block(cfg: DictConfig, key: str, schema: type) -> DictConfig:
+    """A method block's own keys (the fields of `schema`) merged over the schema's defaults.
+
+    Method blocks also hold a component's parameters beside the recipe's keys (``loss.mu`` next to
+    ``loss.name``), so keys the schema does not know are left out here and checked by the recipe.
+    """
+    known = set(schema.__dataclass_fields__)
+    present = {k: v for k, v in (to_container(cfg.get(key)) or {}).items() if k in known}
+    return OmegaConf.merge(OmegaConf.structured(schema), present)
+
+
+def unknown_keys(cfg: DictConfig, key: str, allowed: set[str]) -> list[str]:
+    from runner.registry import did_you_mean
+
+    return [f"{key}.{k}: unknown key.{did_you_mean(k, allowed)} Allowed: {', '.join(sorted(allowed))}"
+            for k in (cfg.get(key) or {}) if k not in allowed]
+
+
 def to_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 

@@ -21,19 +21,26 @@ import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from recipes.distill import losses  # noqa: F401  (registers the kd_loss entries)
 from recipes.distill.objective import KDObjective
 from recipes.distill.onpolicy import GKD, GOPD, Sampling
 from runner import registry
-from runner.config import bounds, check_fields, range_problem, to_container
+from runner.config import (
+    bounds,
+    check_fields,
+    method_block,
+    range_problem,
+    to_container,
+    unknown_keys,
+)
 from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.lm_head import check_plain_head
 from runner.models import check_same_vocab, load_tokenizer, resolve_model_path
 from runner.recipe import Recipe, RecipeResult, RunContext
-from runner.registry import did_you_mean, register
+from runner.registry import register
 from runner.train import train
 
 
@@ -81,18 +88,6 @@ DIVERGENCE_PARAM_RANGES = {"skew_alpha": (0.0, 1.0, False), "beta": (0.0, 1.0, F
                            "eps": (0.0, None, True)}
 
 
-def _block(cfg: DictConfig, key: str, schema: type) -> DictConfig:
-    """The config block merged over its schema defaults (unknown keys are reported separately)."""
-    known = {f for f in schema.__dataclass_fields__}
-    present = {k: v for k, v in (to_container(cfg.get(key)) or {}).items() if k in known}
-    return OmegaConf.merge(OmegaConf.structured(schema), present)
-
-
-def _unknown(cfg: DictConfig, key: str, allowed: set[str]) -> list[str]:
-    return [f"{key}.{k}: unknown key.{did_you_mean(k, allowed)} Allowed: {', '.join(sorted(allowed))}"
-            for k in (cfg.get(key) or {}) if k not in allowed]
-
-
 @register("recipe", "distill")
 class Distill(Recipe):
     roles = ("teacher", "student")
@@ -104,15 +99,15 @@ class Distill(Recipe):
     def validate(self, cfg: DictConfig) -> list[str]:
         problems = []
         try:
-            loss = _block(cfg, "loss", LossConfig)
-            onpolicy = _block(cfg, "onpolicy", OnPolicyConfig)
-            lora = _block(cfg, "lora", LoraConfig)
+            loss = method_block(cfg, "loss", LossConfig)
+            onpolicy = method_block(cfg, "onpolicy", OnPolicyConfig)
+            lora = method_block(cfg, "lora", LoraConfig)
         except Exception as exc:  # OmegaConf type errors, e.g. loss.kd_ratio=abc
             return [f"{str(exc).splitlines()[0]}"]
         problems += check_fields(loss, LossConfig, "loss") + check_fields(onpolicy, OnPolicyConfig, "onpolicy")
         problems += check_fields(lora, LoraConfig, "lora")
-        problems += _unknown(cfg, "onpolicy", set(OnPolicyConfig.__dataclass_fields__))
-        problems += _unknown(cfg, "lora", set(LoraConfig.__dataclass_fields__))
+        problems += unknown_keys(cfg, "onpolicy", set(OnPolicyConfig.__dataclass_fields__))
+        problems += unknown_keys(cfg, "lora", set(LoraConfig.__dataclass_fields__))
         if loss.name not in registry.names("kd_loss"):
             problems.append(registry.unknown_name_message("kd_loss", loss.name, registry.names("kd_loss"), key="loss.name"))
             return problems
@@ -135,9 +130,9 @@ class Distill(Recipe):
 
     # ----------------------------------------------------------------------------------------
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
-        loss_cfg = _block(cfg, "loss", LossConfig)
-        onpolicy = _block(cfg, "onpolicy", OnPolicyConfig)
-        lora = _block(cfg, "lora", LoraConfig)
+        loss_cfg = method_block(cfg, "loss", LossConfig)
+        onpolicy = method_block(cfg, "onpolicy", OnPolicyConfig)
+        lora = method_block(cfg, "lora", LoraConfig)
 
         # The tokenizers are compared before any weights are loaded.
         tok_student = load_tokenizer(resolve_model_path(cfg.student), trust_remote_code=cfg.student.trust_remote_code)
