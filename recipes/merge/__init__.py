@@ -1,0 +1,165 @@
+"""Merging checkpoints: model interpolation (MI), Timber, and the classic merges.
+
+Inputs by method (model roles):
+
+- ``interpolate`` (MI): ``instruct`` and ``thinking``; ``lam`` is the Thinking weight;
+- ``timber``: ``base`` and ``instruct``;
+- ``linear``, ``slerp``: ``models`` (slerp: exactly two; t=0 is the first);
+- ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``: ``models`` and their ``base``.
+
+The ``merge`` block holds the method's parameters beside the recipe's own keys: ``method``,
+``layers`` / ``modules`` filters (tensors outside them come from ``outside``), ``donor`` (whose
+config, tokenizer and chat template the output takes), ``dtype``, ``max_shard_size``, ``seed``.
+
+    python -m runner recipe=mi_merge merge.lam=0.6
+    python -m runner -m recipe=mi_merge merge.lam=0,0.2,0.4,0.5,0.6,0.8,1     # the MI lambda sweep
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import DictConfig
+
+from recipes.merge import methods
+from recipes.merge.engine import MODULE_KINDS, Selection, SVDCache, merge_models, parse_layers
+from runner import registry
+from runner.config import bounds, check_fields, method_block, to_container
+from runner.errors import ConfigError
+from runner.models import resolve_model_path
+from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.registry import register
+
+# method -> (input roles in order, base role or None); "models" is the list role
+INPUTS = {
+    "interpolate": (("instruct", "thinking"), None),
+    "timber": (("instruct",), "base"),
+    "linear": (("models",), None),
+    "slerp": (("models",), None),
+    "task_arithmetic": (("models",), "base"),
+    "ties": (("models",), "base"),
+    "dare_linear": (("models",), "base"),
+    "dare_ties": (("models",), "base"),
+}
+DEFAULT_DONOR = {"interpolate": "thinking", "timber": "instruct"}  # as the MI and Timber code do
+
+
+@dataclass
+class MergeConfig:
+    """The recipe's own `merge` keys; the method's parameters (lam, density, ...) sit beside them."""
+
+    method: str = "interpolate"
+    layers: Optional[str] = None  # e.g. "12-35" or "0-3,8"; tensors outside the decoder layers are then not merged
+    modules: Optional[List[str]] = None  # any of attention, mlp, embeddings, norms, lm_head, other
+    outside: Optional[str] = None  # role giving the tensors the filters leave out (default: the first input)
+    donor: Optional[str] = None  # role giving config/tokenizer/chat template (default: per method)
+    dtype: Optional[str] = field(default=None, metadata=bounds(choices=("float32", "bfloat16", "float16")))
+    max_shard_size: str = "2GB"
+    seed: int = 0
+
+
+@register("recipe", "merge")
+class Merge(Recipe):
+    optional_roles = ("base", "instruct", "thinking", "models")
+    blocks = ("merge",)
+
+    def validate(self, cfg: DictConfig) -> list[str]:
+        try:
+            m = method_block(cfg, "merge", MergeConfig)
+        except Exception as exc:  # OmegaConf type errors
+            return [str(exc).splitlines()[0]]
+        problems = check_fields(m, MergeConfig, "merge")
+        if m.method not in INPUTS:
+            return problems + [registry.unknown_name_message("merge_method", m.method, INPUTS, key="merge.method")]
+        fn = registry.get("merge_method", m.method)
+        params = self._params(cfg)
+        problems += [f"merge.{k}: supplied by the merge engine, not the config" for k in params if k in methods.RUNTIME_ARGS]
+        problems += registry.check_params(fn, {k: v for k, v in params.items() if k not in methods.RUNTIME_ARGS},
+                                          key="merge", skip=2)
+        problems += self._check_values(params)
+        roles, base = INPUTS[m.method]
+        needed = [r for r in roles if r != "models"] + ([base] if base else [])
+        problems += [f"{r}: merge.method={m.method} needs a {r!r} model ({r}.path=...)" for r in needed if cfg.get(r) is None]
+        n_models = len(cfg.get("models") or [])
+        if "models" in roles:
+            want = 2 if m.method == "slerp" else 1 if base else 2
+            if n_models < want or (m.method == "slerp" and n_models != 2):
+                problems.append(f"models: merge.method={m.method} needs {'exactly 2' if m.method == 'slerp' else f'at least {want}'} "
+                                f"models, got {n_models}")
+            if "weights" in params and len(params["weights"]) != n_models:
+                problems.append(f"merge.weights: {len(params['weights'])} weights for {n_models} models")
+        elif n_models:
+            problems.append(f"models: merge.method={m.method} takes its inputs from {', '.join(roles)}, not a list")
+        used = set(needed) | ({"models"} if "models" in roles else set())
+        for role in ("base", "instruct", "thinking"):
+            if cfg.get(role) is not None and role not in used:
+                problems.append(f"{role}: set, but merge.method={m.method} does not use it")
+        for key in ("outside", "donor"):
+            value = m.get(key)
+            if value is not None and value not in used and not (value.startswith("models[") and "models" in used):
+                problems.append(f"merge.{key}: {value!r} is not one of this merge's inputs ({', '.join(sorted(used))}, "
+                                "models[i])")
+        try:
+            parse_layers(m.layers)
+        except ConfigError as exc:
+            problems += exc.problems
+        bad = [x for x in (m.modules or []) if x not in MODULE_KINDS]
+        if bad:
+            problems.append(f"merge.modules: {bad} not allowed; choose from {', '.join(MODULE_KINDS)}")
+        return problems
+
+    @staticmethod
+    def _params(cfg: DictConfig) -> dict:
+        own = set(MergeConfig.__dataclass_fields__)
+        return {k: v for k, v in (to_container(cfg.get("merge")) or {}).items() if k not in own}
+
+    @staticmethod
+    def _check_values(params: dict) -> list[str]:
+        problems = []
+        for key, lo, hi in (("t", 0.0, 1.0), ("density", 0.0, 1.0), ("tail_scale", 0.0, 1.0)):
+            if key in params and not lo <= params[key] <= hi:
+                problems.append(f"merge.{key}: {params[key]} is out of range; it must be >= {lo} and <= {hi}")
+        if params.get("density") == 0.0:
+            problems.append("merge.density: 0 drops every task-vector entry; use a density in (0, 1]")
+        if params.get("rescale", "l1") not in ("l1", "density", "none"):
+            problems.append(f"merge.rescale: {params['rescale']!r} is not allowed; choose l1, density or none")
+        return problems
+
+    def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
+        m = method_block(cfg, "merge", MergeConfig)
+        roles, base_role = INPUTS[m.method]
+        paths = self._paths(cfg)
+        inputs = paths["models"] if roles == ("models",) else [paths[r] for r in roles]
+        base = paths[base_role] if base_role else None
+        first_role = "models[0]" if roles == ("models",) else roles[0]
+        outside = self._role_path(m.outside or first_role, paths)
+        donor = self._role_path(m.donor or DEFAULT_DONOR.get(m.method, first_role), paths)
+        selection = Selection(parse_layers(m.layers), tuple(m.modules) if m.modules else None)
+        svd_cache = None
+        if m.method == "timber":
+            from runner.toy.zoo import cache_dir
+
+            svd_cache = SVDCache(cache_dir() / "svd", [base, *inputs])
+        out = ctx.run_dir / "checkpoint"
+        if ctx.is_main_process:
+            stats = merge_models(inputs, base, registry.get("merge_method", m.method), self._params(cfg), out,
+                                 selection=selection, outside=outside, donor=donor, dtype=m.dtype,
+                                 max_shard_size=m.max_shard_size, seed=m.seed, svd_cache=svd_cache)
+        else:
+            stats = {}
+        ctx.accelerator.wait_for_everyone()
+        return RecipeResult(checkpoint=out, extra={"merge": {"method": m.method, **stats}})
+
+    @staticmethod
+    def _paths(cfg: DictConfig) -> dict:
+        paths = {r: Path(resolve_model_path(cfg[r])) for r in ("base", "instruct", "thinking") if cfg.get(r) is not None}
+        paths["models"] = [Path(resolve_model_path(spec)) for spec in cfg.get("models") or []]
+        return paths
+
+    @staticmethod
+    def _role_path(role: str, paths: dict) -> Path:
+        if role.startswith("models["):
+            return paths["models"][int(role[len("models["):-1])]
+        return paths[role]

@@ -1,0 +1,178 @@
+"""Merge methods, registered as ``merge_method``: one output tensor from the inputs' tensors.
+
+Call shape (DESIGN.md): ``merge(tensors, base, **params) -> Tensor``, fp32 in and out, one tensor
+name at a time. ``base`` is the common ancestor where a method needs one (task vectors are
+``delta_i = tensors[i] - base``). Defaults and conventions follow mergekit (spec sft_merge.md
+section 6) except where noted. Keyword arguments in `RUNTIME_ARGS` come from the engine (a
+generator seeded per tensor, the tensor's name, the SVD cache), never from the config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from runner.registry import register
+
+RUNTIME_ARGS = ("generator", "key", "svd_cache")
+
+
+def _weights(weights: list[float] | None, n: int) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(n)
+    if len(weights) != n:
+        raise ValueError(f"weights has {len(weights)} entries for {n} models")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _expand(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return w.view(-1, *([1] * like.dim()))
+
+
+@register("merge_method", "interpolate")
+def interpolate(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, lam: float = 0.5) -> torch.Tensor:
+    """Model interpolation (MI): (1 - lam) * first + lam * second; exactly the inputs at lam 0 and 1.
+
+    For Instruct/Thinking pairs the first is Instruct and the second Thinking (the MI paper's
+    lam * Thinking + (1 - lam) * Instruct). Applied to every tensor, embeddings and norms included.
+    """
+    first, second = tensors
+    return torch.lerp(first, second, lam)
+
+
+@register("merge_method", "linear")
+def linear(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: list[float] | None = None,
+           normalize: bool = True) -> torch.Tensor:
+    """Weighted average sum(w_i * x_i) / sum(w_i) (normalize=false: the plain weighted sum)."""
+    w = _weights(weights, len(tensors))
+    stacked = torch.stack(tensors)
+    out = (stacked * _expand(w, tensors[0])).sum(0)
+    return out / w.sum() if normalize else out
+
+
+@register("merge_method", "slerp")
+def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, t: float = 0.5,
+          eps: float = 1e-8, dot_threshold: float = 0.9995) -> torch.Tensor:
+    """Spherical interpolation from the first tensor (t=0) to the second (t=1), on the flattened tensors.
+
+    The angle comes from the normalised tensors and the weights apply to the raw ones; nearly
+    parallel tensors (|cos| > dot_threshold) fall back to linear interpolation, as mergekit does.
+    """
+    v0, v1 = tensors
+    if t == 0.0:
+        return v0.clone()
+    if t == 1.0:
+        return v1.clone()
+    a, b = v0.flatten().double(), v1.flatten().double()
+    dot = float((a / (a.norm() + eps)) @ (b / (b.norm() + eps)))
+    if abs(dot) > dot_threshold:
+        return torch.lerp(v0, v1, t)
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    s0, s1 = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return (s0 * a + s1 * b).view(v0.shape).float()
+
+
+@register("merge_method", "task_arithmetic")
+def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, *, weights: list[float] | None = None,
+                    lam: float = 1.0) -> torch.Tensor:
+    """base + lam * sum(w_i * delta_i)."""
+    w = _weights(weights, len(tensors))
+    deltas = torch.stack([x - base for x in tensors])
+    return base + lam * (deltas * _expand(w, base)).sum(0)
+
+
+def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top `density` fraction of |delta| (per tensor); zero the rest."""
+    if density >= 1.0:
+        return delta
+    k = int(round(density * delta.numel()))
+    if k <= 0:
+        return torch.zeros_like(delta)
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
+    return delta * (delta.abs() >= threshold)
+
+
+def _elect_and_merge(deltas: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """TIES sign election (sign of the weighted sum, ties to +) and the disjoint (weighted) mean."""
+    weighted = deltas * _expand(w, deltas[0])
+    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(deltas) == sign) & (deltas != 0)
+    total = (weighted * agree).sum(0)
+    if not normalize:
+        return total
+    count = (_expand(w, deltas[0]) * agree).sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1e-12), torch.zeros_like(total))
+
+
+@register("merge_method", "ties")
+def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, density: float, weights: list[float] | None = None,
+         lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
+    """TIES: trim each task vector to its top-`density` magnitudes, elect a sign per entry, average the
+    agreeing entries. `density` has no default on purpose (mergekit's 1.0 means no trimming);
+    Long-to-Short's k is the share *dropped*, so their k=0.8 is density 0.2."""
+    w = _weights(weights, len(tensors))
+    deltas = torch.stack([_trim(x - base, density) for x in tensors])
+    return base + lam * _elect_and_merge(deltas, w, normalize)
+
+
+def _dare(delta: torch.Tensor, density: float, rescale: str, generator: torch.Generator | None) -> torch.Tensor:
+    keep = torch.rand(delta.shape, generator=generator) < density
+    dropped = delta * keep
+    if rescale == "l1":  # mergekit: restore the L1 norm of the task vector
+        norm = dropped.abs().sum()
+        return dropped * (delta.abs().sum() / norm) if norm > 0 else dropped
+    if rescale == "density":  # the DARE paper: divide by the keep probability
+        return dropped / density
+    return dropped
+
+
+@register("merge_method", "dare_linear")
+def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, density: float = 0.7,
+                weights: list[float] | None = None, lam: float = 1.0, rescale: str = "l1",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE: drop each task-vector entry with probability 1 - density, rescale, add (no sign election)."""
+    w = _weights(weights, len(tensors))
+    deltas = torch.stack([_dare(x - base, density, rescale, generator) for x in tensors])
+    return base + lam * (deltas * _expand(w, base)).sum(0)
+
+
+@register("merge_method", "dare_ties")
+def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor, *, density: float = 0.7,
+              weights: list[float] | None = None, lam: float = 1.0, rescale: str = "l1",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE's random drop and rescale, then TIES sign election and disjoint merge (unnormalised, as mergekit)."""
+    w = _weights(weights, len(tensors))
+    deltas = torch.stack([_dare(x - base, density, rescale, generator) for x in tensors])
+    return base + lam * _elect_and_merge(deltas, w, normalize=False)
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """eRank = exp(entropy of sigma_i / sum sigma) (Roy & Vetterli; gamma = 1, not squared)."""
+    s = singular_values.double()
+    p = s / s.sum()
+    return math.exp(-float((p * torch.log(p + 1e-9)).sum()))
+
+
+@register("merge_method", "timber")
+def timber(tensors: list[torch.Tensor], base: torch.Tensor, *, tail_scale: float = 0.2, key: str | None = None,
+           svd_cache=None) -> torch.Tensor:
+    """Timber: keep the top ceil(eRank) directions of the Instruct-Base delta, scale the rest by tail_scale.
+
+    tensors = [instruct]. 1-D tensors (norms, biases) are Instruct's. tail_scale 1 is Instruct
+    exactly; 0 is the rank-k truncation. The SVD (fp64) is cached per tensor so sweeps reuse it.
+    """
+    (instruct,) = tensors
+    if instruct.dim() < 2 or tail_scale == 1.0:
+        return instruct.clone()
+    factors = svd_cache.get(key) if svd_cache is not None and key is not None else None
+    if factors is None:
+        delta = (instruct - base).double().reshape(instruct.shape[0], -1)
+        factors = torch.linalg.svd(delta, full_matrices=False)
+        if svd_cache is not None and key is not None:
+            svd_cache.put(key, factors)
+    u, s, vh = factors
+    k = min(len(s), math.ceil(effective_rank(s))) if float(s.sum()) > 0 else len(s)
+    scaled = torch.cat([s[:k], tail_scale * s[k:]])
+    delta = (u * scaled) @ vh
+    return (base.double() + delta.view(instruct.shape)).float()
