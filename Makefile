@@ -10,7 +10,7 @@ PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-fast run zoo zoo-eval bench clean-outputs
+.PHONY: setup test test-fast run zoo zoo-eval mi-sweep bench clean-outputs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ run:  ## the demo job (override with RECIPE=...)
 zoo:  ## build the toy zoo (cached under ~/.cache/runner) and measure it
 	$(BIN)/python -m runner.toy.zoo build all
 	$(BIN)/python -m runner.toy.zoo eval
+
+MI_LAMBDAS ?= 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+MI_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+MI_SWEEP_DIR ?= outputs/mi_sweep/$(MI_STAMP)
+mi-sweep:  ## the MI lambda sweep over toy-instruct <-> toy-thinking: table and plot (add MI_ARGS=merge.modules=[mlp] ...)
+	$(BIN)/python -m runner -m recipe=mi_merge eval=toy_quick eval.limit=200 "merge.lam=$(MI_LAMBDAS)" \
+		hydra.sweep.dir=$(MI_SWEEP_DIR) $(MI_ARGS)
+	$(BIN)/python -m runner.report $(MI_SWEEP_DIR) --x merge.lam \
+		--metrics '*/exact_match,*/response_tokens,*/think_rate'
 
 bench:  ## benchmarks against peers (TRL from the bench extra), printed as ratios
 	$(BIN)/pip install -q -e ".[bench]"

@@ -109,21 +109,24 @@ def check_params(
     *,
     key: str,
     skip: int = 0,
+    runtime: Iterable[str] = (),
 ) -> list[str]:
     """Problems binding `params` as keyword arguments of `fn`, each naming `key`.
 
-    `skip` leading positional parameters are supplied by the caller (tensors, generator, ...),
-    not by the config. Unknown names get a did-you-mean; required parameters that are missing
-    are reported too. Functions taking ``**kwargs`` accept anything.
+    `skip` leading positional parameters are supplied by the caller (tensors, masks, ...), and so
+    are the keyword arguments named in `runtime` (a generator, a reference model's outputs, ...):
+    neither is offered to nor accepted from the config. Unknown names get a did-you-mean; required
+    parameters that are missing are reported too. Functions taking ``**kwargs`` accept anything.
     """
+    runtime = set(runtime)
     sig = inspect.signature(fn)
-    settable = list(sig.parameters.values())[skip:]
+    settable = [p for p in list(sig.parameters.values())[skip:] if p.name not in runtime]
+    problems = [f"{key}.{name}: supplied at run time, not by the config" for name in params if name in runtime]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in settable):
-        return []
+        return problems
     allowed = {p.name for p in settable if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-    problems = []
     for name in params:
-        if name not in allowed:
+        if name not in allowed and name not in runtime:
             problems.append(
                 f"{key}.{name}: unknown parameter.{did_you_mean(name, allowed)} "
                 f"Allowed: {', '.join(sorted(allowed)) or '(none)'}"

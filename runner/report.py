@@ -4,9 +4,12 @@ Every ``results.json`` below the given folders becomes a row: the run's folder, 
 overrides (from ``.hydra/overrides.yaml``), its status and its metrics, with the change against the
 run's own baseline (the input model) where one was evaluated. Failed runs are listed as failed, never
 dropped. The table is printed and written as ``report.csv`` and ``report.md`` beside the runs.
+With ``--x KEY`` (a numeric config key such as ``merge.lam``) each metric is also plotted against
+that key, one line per setting of the other overrides, into ``report.png``.
 
     python -m runner.report outputs/multirun/2026-11-22/12-30-00-000000
     python -m runner.report outputs/multirun/... --metrics 'toy_arith*/exact_match,*/bits_per_byte'
+    python -m runner.report outputs/mi_sweep/... --x merge.lam --metrics '*/exact_match,*/think_rate'
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_METRICS = "*/exact_match,*/acc,*/response_tokens,*/bits_per_byte"
+DEFAULT_METRICS = "*/exact_match,*/acc,*/response_tokens,*/think_rate,*/bits_per_byte"
 
 
 def collect(paths: list[Path]) -> list[dict]:
@@ -54,12 +57,20 @@ def select_metrics(runs: list[dict], patterns: str) -> list[str]:
     return chosen
 
 
+def common_overrides(runs: list[dict]) -> list[str]:
+    """Overrides every run shares (shown once above the table, not on every row); none for a single run."""
+    if len(runs) < 2:
+        return []
+    return [o for o in runs[0]["_overrides"] if all(o in r["_overrides"] for r in runs[1:])]
+
+
 def rows(runs: list[dict], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
     header = ["run", "overrides", "status", *metrics, *[f"Δ {m}" for m in metrics]]
+    shared = common_overrides(runs)
     out = []
     for r in runs:
         values, base = r.get("metrics") or {}, r.get("baseline_metrics") or {}
-        cells = [r["_dir"].name, " ".join(r["_overrides"]), str(r.get("status"))]
+        cells = [r["_dir"].name, " ".join(o for o in r["_overrides"] if o not in shared), str(r.get("status"))]
         cells += [_fmt(values.get(m)) for m in metrics]
         cells += [_fmt(values[m] - base[m], signed=True) if m in values and m in base else "" for m in metrics]
         out.append(cells)
@@ -83,10 +94,65 @@ def write(header: list[str], table: list[list[str]], out_dir: Path) -> tuple[Pat
     return csv_path, md_path
 
 
+def x_value(run: dict, key: str) -> float | None:
+    """The run's value of the dotted config key `key` as a number, or None."""
+    node = run.get("config") or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool):
+        return None
+    try:
+        return float(node)
+    except (TypeError, ValueError):
+        return None
+
+
+def series(runs: list[dict], key: str) -> dict[str, list[tuple[float, dict]]]:
+    """Completed runs with a numeric `key`, grouped by their other overrides, sorted by the key."""
+    groups: dict[str, list[tuple[float, dict]]] = {}
+    for r in runs:
+        x = x_value(r, key)
+        if r.get("status") != "completed" or x is None:
+            continue
+        label = " ".join(o for o in r["_overrides"] if o.split("=", 1)[0].lstrip("+~") != key) or "runs"
+        groups.setdefault(label, []).append((x, r.get("metrics") or {}))
+    return {label: sorted(points, key=lambda p: p[0]) for label, points in groups.items()}
+
+
+def plot(groups: dict[str, list[tuple[float, dict]]], metrics: list[str], key: str, path: Path) -> Path:
+    """One panel per metric, the metric against `key`, one line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
+        for label, points in groups.items():
+            xs = [x for x, values in points if metric in values]
+            ax.plot(xs, [values[metric] for _, values in points if metric in values], marker="o", label=label)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    if len(groups) > 1:
+        axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, sweep folders, or folders above them")
     parser.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated glob patterns ({DEFAULT_METRICS})")
+    parser.add_argument("--x", default=None, metavar="KEY", help="plot the metrics against this numeric config key")
     parser.add_argument("--out", type=Path, default=None, help="where report.csv/report.md go (default: first path)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.is_dir()]
@@ -97,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no results.json under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
-    header, table = rows(runs, select_metrics(runs, args.metrics))
+    metrics = select_metrics(runs, args.metrics)
+    groups = series(runs, args.x) if args.x else {}
+    if args.x and not groups:
+        print(f"error: --x {args.x}: no completed run has a numeric value for this config key", file=sys.stderr)
+        return 2
+    header, table = rows(runs, metrics)
 
     from rich.console import Console
     from rich.table import Table
 
-    shown = Table(title=f"{len(runs)} run(s)")
+    shared = common_overrides(runs)
+    shown = Table(title=f"{len(runs)} run(s)" + (f"; all with {' '.join(shared)}" if shared else ""))
     for h in header:
         shown.add_column(h, justify="left" if h in ("run", "overrides", "status") else "right")
     for row in table:
@@ -111,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(shown)
     csv_path, md_path = write(header, table, args.out or args.paths[0])
     console.print(f"wrote {csv_path} and {md_path}")
+    if groups and metrics:
+        console.print(f"wrote {plot(groups, metrics, args.x, (args.out or args.paths[0]) / 'report.png')}")
     return 0
 
 

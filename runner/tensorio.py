@@ -3,8 +3,8 @@
 Used by every recipe that combines checkpoints tensor by tensor (merges, grafts): peak memory stays
 near a few tensors plus one output shard, whatever the number of layers.
 
-- `TensorSource` reads ``model.safetensors.index.json`` or a single ``model.safetensors`` and keeps
-  one shard open (memory-mapped) at a time.
+- `TensorSource` reads ``model.safetensors.index.json`` or a single ``model.safetensors`` and reads
+  each tensor on demand with plain file reads (no memory map kept open).
 - `ShardedWriter` buffers tensors up to ``max_shard_bytes`` and flushes them as shards, then names
   them ``model-0000i-of-0000N.safetensors`` with an index regenerated from what was written (or a
   single ``model.safetensors``), in a temp folder renamed into place at the end.
@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from runner.errors import ConfigError
@@ -43,37 +42,70 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
+# safetensors dtype names (the header's "dtype") -> torch dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 class TensorSource:
-    """Lazy, read-only access to the tensors of an HF model folder."""
+    """Lazy, read-only access to the tensors of an HF model folder.
+
+    Tensors are read with plain file reads at the offsets the shard headers give, not through a
+    memory map: mapped pages would count in the process's resident memory for as long as the shard
+    stays open, so reading a model would cost up to a shard per input on top of the tensors in use.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if (self.folder / INDEX).is_file():
             self.weight_map: dict[str, str] = json.loads((self.folder / INDEX).read_text())["weight_map"]
         elif (self.folder / SINGLE).is_file():
-            with safe_open(str(self.folder / SINGLE), framework="pt") as f:
-                self.weight_map = {k: SINGLE for k in f.keys()}
+            self.weight_map = {k: SINGLE for k in read_header(self.folder / SINGLE)[0]}
         else:
             raise ConfigError(f"{self.folder} holds neither {INDEX} nor {SINGLE}")
-        self._open_name: str | None = None
-        self._handle = None
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     def keys(self) -> list[str]:
-        """Keys in shard order (reading them in this order opens each shard once)."""
-        return sorted(self.weight_map, key=lambda k: (self.weight_map[k], k))
+        """Keys in shard order, then by their place in the shard (sequential reads)."""
+        return sorted(self.weight_map, key=lambda k: (self.weight_map[k], self._entry(k)[0]["data_offsets"][0]))
 
-    def _file(self, key: str):
+    def _entry(self, key: str) -> tuple[dict, int]:
         name = self.weight_map[key]
-        if name != self._open_name:
-            self._handle = safe_open(str(self.folder / name), framework="pt")
-            self._open_name = name
-        return self._handle
+        if name not in self._headers:
+            path = self.folder / name
+            if not path.is_file():
+                raise ConfigError(f"{self.folder}: shard {name} (listed for {key}) is missing")
+            self._headers[name] = read_header(path)
+        header, data_start = self._headers[name]
+        if key not in header:
+            raise ConfigError(f"{self.folder}: {key} is listed in {INDEX} but not stored in {name}")
+        return header[key], data_start
 
     def get(self, key: str) -> torch.Tensor:
-        return self._file(key).get_tensor(key)
+        info, data_start = self._entry(key)
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        start, end = info["data_offsets"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        data = bytearray(end - start)
+        with (self.folder / self.weight_map[key]).open("rb") as f:
+            f.seek(data_start + start)
+            if f.readinto(data) != len(data):
+                raise ConfigError(f"{self.folder / self.weight_map[key]}: truncated while reading {key}")
+        return torch.frombuffer(data, dtype=dtype).view(shape)
 
     def shape(self, key: str) -> list[int]:
-        return list(self._file(key).get_slice(key).get_shape())
+        return list(self._entry(key)[0]["shape"])
 
     def config(self) -> dict:
         path = self.folder / "config.json"

@@ -4,10 +4,10 @@ import json
 from runner.report import main
 
 
-def fake_run(folder, overrides, status, metrics, baseline=None):
+def fake_run(folder, overrides, status, metrics, baseline=None, config=None):
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (folder / "results.json").write_text(json.dumps({"status": status, "metrics": metrics,
+    (folder / "results.json").write_text(json.dumps({"status": status, "metrics": metrics, "config": config or {},
                                                      "baseline_metrics": baseline or {}, "error": None}))
 
 
@@ -42,3 +42,27 @@ def test_metric_patterns_and_errors(tmp_path, capsys):
     empty.mkdir()
     assert main([str(empty)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_series_groups_by_the_other_overrides_and_sorts_by_x(tmp_path):
+    from runner.report import collect, series
+
+    for i, (lam, layers, acc) in enumerate([(0.8, None, 0.9), (0.2, None, 0.1), (0.5, "1", 0.4), (0.2, "1", 0.2)]):
+        overrides = [f"merge.lam={lam}"] + ([f"merge.layers={layers}"] if layers else [])
+        fake_run(tmp_path / f"{i}-mi", overrides, "completed", {"t/exact_match": acc},
+                 config={"merge": {"lam": lam, "layers": layers}})
+    fake_run(tmp_path / "4-mi", ["merge.lam=0.6"], "failed", {}, config={"merge": {"lam": 0.6}})
+    groups = series(collect([tmp_path]), "merge.lam")
+    assert groups == {"runs": [(0.2, {"t/exact_match": 0.1}), (0.8, {"t/exact_match": 0.9})],
+                      "merge.layers=1": [(0.2, {"t/exact_match": 0.2}), (0.5, {"t/exact_match": 0.4})]}
+
+
+def test_plot_against_a_config_key(tmp_path, capsys):
+    for i, lam in enumerate([0.0, 0.5, 1.0]):
+        fake_run(tmp_path / f"{i}-mi", [f"merge.lam={lam}"], "completed",
+                 {"t/exact_match": lam / 2, "t/think_rate": lam}, config={"merge": {"lam": lam}, "name": "mi"})
+    assert main([str(tmp_path), "--x", "merge.lam"]) == 0
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(tmp_path), "--x", "name"]) == 2  # not numeric
+    assert main([str(tmp_path), "--x", "merge.nope"]) == 2
+    assert "no completed run has a numeric value" in capsys.readouterr().err

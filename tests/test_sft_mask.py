@@ -159,7 +159,7 @@ def test_masked_sft_recipes_run_on_the_toy_world(compose, tmp_path, recipe):
     ("+selector.taus=0.2", "selector.taus: unknown parameter. Did you mean 'tau'?"),
     ("selector.tau=1.5", "selector.tau: 1.5 is out of range"),
     ("selector.direction=up", "selector.direction: 'up' is not allowed"),
-    ("+selector.generator=1", "selector.generator: supplied by the recipe, not the config"),
+    ("+selector.generator=1", "selector.generator: supplied at run time, not by the config"),
     ("selector.norm=tokens", "selector.norm: 'tokens' is not allowed"),
     ("selector.name=rho1", "reference: selector rho1 needs a reference model"),
     ("+loss.eps=0.1", "loss.eps: unknown key. Did you mean"),

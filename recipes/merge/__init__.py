@@ -17,6 +17,7 @@ config, tokenizer and chat template the output takes), ``dtype``, ``max_shard_si
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -24,13 +25,20 @@ from typing import List, Optional
 from omegaconf import DictConfig
 
 from recipes.merge import methods
-from recipes.merge.engine import MODULE_KINDS, Selection, SVDCache, merge_models, parse_layers
+from recipes.merge.engine import (
+    MODULE_KINDS,
+    Selection,
+    SVDCache,
+    merge_models,
+    parse_layers,
+)
 from runner import registry
 from runner.config import bounds, check_fields, method_block, to_container
 from runner.errors import ConfigError
 from runner.models import resolve_model_path
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import register
+from runner.tensorio import parse_size
 
 # method -> (input roles in order, base role or None); "models" is the list role
 INPUTS = {
@@ -75,9 +83,7 @@ class Merge(Recipe):
             return problems + [registry.unknown_name_message("merge_method", m.method, INPUTS, key="merge.method")]
         fn = registry.get("merge_method", m.method)
         params = self._params(cfg)
-        problems += [f"merge.{k}: supplied by the merge engine, not the config" for k in params if k in methods.RUNTIME_ARGS]
-        problems += registry.check_params(fn, {k: v for k, v in params.items() if k not in methods.RUNTIME_ARGS},
-                                          key="merge", skip=2)
+        problems += registry.check_params(fn, params, key="merge", skip=2, runtime=methods.RUNTIME_ARGS)
         problems += self._check_values(params)
         roles, base = INPUTS[m.method]
         needed = [r for r in roles if r != "models"] + ([base] if base else [])
@@ -88,7 +94,7 @@ class Merge(Recipe):
             if n_models < want or (m.method == "slerp" and n_models != 2):
                 problems.append(f"models: merge.method={m.method} needs {'exactly 2' if m.method == 'slerp' else f'at least {want}'} "
                                 f"models, got {n_models}")
-            if "weights" in params and len(params["weights"]) != n_models:
+            if isinstance(params.get("weights"), list) and len(params["weights"]) != n_models:
                 problems.append(f"merge.weights: {len(params['weights'])} weights for {n_models} models")
         elif n_models:
             problems.append(f"models: merge.method={m.method} takes its inputs from {', '.join(roles)}, not a list")
@@ -98,9 +104,15 @@ class Merge(Recipe):
                 problems.append(f"{role}: set, but merge.method={m.method} does not use it")
         for key in ("outside", "donor"):
             value = m.get(key)
-            if value is not None and value not in used and not (value.startswith("models[") and "models" in used):
-                problems.append(f"merge.{key}: {value!r} is not one of this merge's inputs ({', '.join(sorted(used))}, "
-                                "models[i])")
+            index = re.fullmatch(r"models\[(\d+)\]", value or "")
+            if value is None or value in used or (index and "models" in used and int(index.group(1)) < n_models):
+                continue
+            choices = sorted(used - {"models"}) + ([f"models[0..{n_models - 1}]"] if "models" in used else [])
+            problems.append(f"merge.{key}: {value!r} is not one of this merge's inputs ({', '.join(choices)})")
+        try:
+            parse_size(m.max_shard_size)
+        except ConfigError:
+            problems.append(f"merge.max_shard_size: {m.max_shard_size!r} is not a size like 2GB, 500MB or 1073741824")
         try:
             parse_layers(m.layers)
         except ConfigError as exc:
@@ -118,6 +130,14 @@ class Merge(Recipe):
     @staticmethod
     def _check_values(params: dict) -> list[str]:
         problems = []
+        for key in ("lam", "t", "density", "tail_scale"):
+            if key in params and (isinstance(params[key], bool) or not isinstance(params[key], (int, float))):
+                problems.append(f"merge.{key}: {params[key]!r} is not a number")
+        if "weights" in params and not (isinstance(params["weights"], list)
+                                        and all(isinstance(w, (int, float)) for w in params["weights"])):
+            problems.append(f"merge.weights: {params['weights']!r} is not a list of numbers")
+        if problems:
+            return problems
         for key, lo, hi in (("t", 0.0, 1.0), ("density", 0.0, 1.0), ("tail_scale", 0.0, 1.0)):
             if key in params and not lo <= params[key] <= hi:
                 problems.append(f"merge.{key}: {params[key]} is out of range; it must be >= {lo} and <= {hi}")
@@ -141,7 +161,7 @@ class Merge(Recipe):
         if m.method == "timber":
             from runner.toy.zoo import cache_dir
 
-            svd_cache = SVDCache(cache_dir() / "svd", [base, *inputs])
+            svd_cache = SVDCache(cache_dir() / "svd")
         out = ctx.run_dir / "checkpoint"
         if ctx.is_main_process:
             stats = merge_models(inputs, base, registry.get("merge_method", m.method), self._params(cfg), out,

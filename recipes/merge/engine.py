@@ -1,6 +1,6 @@
 """The streaming merge engine: checks, filters, and one pass over the tensors of the inputs.
 
-Inputs are read lazily (`runner.tensorio.TensorSource`, one shard open per input), each output
+Inputs are read lazily (`runner.tensorio.TensorSource`, one tensor at a time, no memory maps), each output
 tensor is computed in fp32 from the inputs' tensors of the same name, cast once to the output dtype
 and handed to a `ShardedWriter`. Peak memory is a few tensors plus one output shard, independent of
 the number of layers.
@@ -28,20 +28,25 @@ MODULE_KINDS = ("attention", "mlp", "embeddings", "norms", "lm_head", "other")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+_ATTENTION = {"self_attn", "attn", "attention", "self_attention"}
+_MLP = {"mlp", "feed_forward", "ffn"}
+
+
 def classify(key: str) -> tuple[int | None, str]:
-    """(decoder layer index or None, module kind) of a tensor name."""
+    """(decoder layer index or None, module kind) of a tensor name, from its dotted module path."""
     m = _LAYER.search(key)
     layer = int(m.group(1)) if m else None
-    if "embed_tokens" in key or "wte" in key or "word_embeddings" in key:
+    parts = key.split(".")
+    if any(p in ("embed_tokens", "wte", "word_embeddings") for p in parts):
         kind = "embeddings"
-    elif key.startswith("lm_head"):
+    elif parts[0] == "lm_head":
         kind = "lm_head"
-    elif "norm" in key:
-        kind = "norms"
-    elif "self_attn" in key or ".attn." in key or "attention" in key:
+    elif _ATTENTION & set(parts):  # Qwen3's self_attn.q_norm/k_norm count as attention
         kind = "attention"
-    elif "mlp" in key or "feed_forward" in key:
+    elif _MLP & set(parts):
         kind = "mlp"
+    elif any("norm" in p for p in parts):
+        kind = "norms"
     else:
         kind = "other"
     return layer, kind
@@ -104,19 +109,23 @@ def check_compatible(sources: dict[str, TensorSource]) -> None:
         for key in first.keys():
             a, b = first.shape(key), other.shape(key)
             if a != b:
+                rows_only = a[0] != b[0] and a[1:] == b[1:]
                 hint = (" (vocabulary rows differ: pad or truncate the embeddings to one tokenizer first)"
-                        if classify(key)[1] in ("embeddings", "lm_head") else "")
+                        if rows_only and classify(key)[1] in ("embeddings", "lm_head") else "")
                 problems.append(f"{key}: shape {a} in {names[0]} but {b} in {n}{hint}")
     if problems:
         raise ConfigError(["merge inputs do not match: " + p for p in problems])
 
 
 class SVDCache:
-    """Per-tensor SVD factors on disk, keyed by the inputs, so a Timber sweep computes each SVD once."""
+    """SVD factors on disk, one file per tensor delta, so a Timber sweep computes each SVD once.
 
-    def __init__(self, root: Path, inputs: list[Path]):
-        tag = hashlib.sha256("|".join(str(p.resolve()) for p in inputs).encode()).hexdigest()[:16]
-        self.dir = root / tag
+    Entries are named by the caller from the tensor's name and a hash of the delta's bytes, so a
+    checkpoint rewritten in place never meets the factors of its predecessor.
+    """
+
+    def __init__(self, root: Path):
+        self.dir = Path(root)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:

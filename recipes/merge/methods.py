@@ -9,6 +9,7 @@ generator seeded per tensor, the tensor's name, the SVD cache), never from the c
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -83,14 +84,13 @@ def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, *, weights:
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top `density` fraction of |delta| (per tensor); zero the rest."""
+    """Keep the k = max(1, floor(density * n)) largest |delta| entries of the tensor (mergekit's count)."""
     if density >= 1.0:
         return delta
-    k = int(round(density * delta.numel()))
-    if k <= 0:
-        return torch.zeros_like(delta)
-    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
-    return delta * (delta.abs() >= threshold)
+    k = max(1, int(density * delta.numel()))
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[delta.abs().flatten().topk(k).indices] = True
+    return delta * keep.view(delta.shape)
 
 
 def _elect_and_merge(deltas: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -160,19 +160,19 @@ def timber(tensors: list[torch.Tensor], base: torch.Tensor, *, tail_scale: float
     """Timber: keep the top ceil(eRank) directions of the Instruct-Base delta, scale the rest by tail_scale.
 
     tensors = [instruct]. 1-D tensors (norms, biases) are Instruct's. tail_scale 1 is Instruct
-    exactly; 0 is the rank-k truncation. The SVD (fp64) is cached per tensor so sweeps reuse it.
+    exactly; 0 is the rank-k truncation. The SVD (fp64) is cached per tensor delta (named by its hash) so sweeps reuse it.
     """
     (instruct,) = tensors
     if instruct.dim() < 2 or tail_scale == 1.0:
         return instruct.clone()
-    factors = svd_cache.get(key) if svd_cache is not None and key is not None else None
+    delta = (instruct - base).reshape(instruct.shape[0], -1).contiguous()
+    name = f"{key}-{hashlib.blake2b(delta.numpy(), digest_size=12).hexdigest()}" if svd_cache is not None else None
+    factors = svd_cache.get(name) if name else None
     if factors is None:
-        delta = (instruct - base).double().reshape(instruct.shape[0], -1)
-        factors = torch.linalg.svd(delta, full_matrices=False)
-        if svd_cache is not None and key is not None:
-            svd_cache.put(key, factors)
+        factors = torch.linalg.svd(delta.double(), full_matrices=False)
+        if name:
+            svd_cache.put(name, factors)
     u, s, vh = factors
     k = min(len(s), math.ceil(effective_rank(s))) if float(s.sum()) > 0 else len(s)
     scaled = torch.cat([s[:k], tail_scale * s[k:]])
-    delta = (u * scaled) @ vh
-    return (base.double() + delta.view(instruct.shape)).float()
+    return (base.double() + ((u * scaled) @ vh).view(instruct.shape)).float()

@@ -63,9 +63,7 @@ class SFTMask(Recipe):
         params = self._selector_params(cfg)
         if sel.name != "none":
             fn = registry.get("token_selector", sel.name)
-            problems += [f"selector.{k}: supplied by the recipe, not the config" for k in params if k in selectors.RUNTIME_ARGS]
-            problems += registry.check_params(fn, {k: v for k, v in params.items() if k not in selectors.RUNTIME_ARGS},
-                                              key="selector", skip=2)
+            problems += registry.check_params(fn, params, key="selector", skip=2, runtime=selectors.RUNTIME_ARGS)
             problems += self._check_selector_values(sel.name, params)
         elif params:
             problems.append(f"selector: {', '.join(sorted(params))} set, but selector.name is none")
