@@ -4,11 +4,12 @@ A family of random Llama checkpoints (a base and two "fine-tunes" = base + noise
 in 100 MB shards as hub checkpoints are) is merged by `recipes.merge.engine.merge_models` and by
 mergekit's `run_merge`, each in a fresh process. Printed per method: the largest absolute difference
 between the two outputs over all tensors, the merge's wall time, the process's peak RSS (imports
-included) and the peak above the RSS after imports, with the ratios ours / mergekit. Both write
+included) and the peak above the RSS after imports, with the ratios ours / mergekit; each figure is
+the median of `--repeat` alternating runs, each in a fresh process after a sync. Both write
 100 MB output shards. Then a scaling run: the same linear merge on 2x, 4x and 8x the layers, to show
 that the peak RSS does not grow with the model. Needs mergekit (the bench extra).
 
-    python bench/merge_vs_mergekit.py [--hidden 1024] [--layers 4] [--scale 1,2,4,8]
+    python bench/merge_vs_mergekit.py [--hidden 1024] [--layers 4] [--scale 1,2,4,8] [--repeat 3]
 
 Note: safetensors inputs are memory-mapped, so pages of the shard being read count in RSS; peak RSS
 is the imports plus about one open shard per input plus one output shard, for either tool.
@@ -17,6 +18,7 @@ is the imports plus about one open shard per input plus one output shard, for ei
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,21 +97,34 @@ def worker(tool: str, method: str, paths: dict, out: str) -> dict:
     return {"seconds": seconds, "peak_mb": peak, "above_imports_mb": peak - rss_after_imports}
 
 
-def run(tool: str, method: str, paths: dict, out: Path) -> dict:
+def _once(tool: str, method: str, paths: dict, out: Path) -> dict:
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    os.sync()  # the previous run's dirty pages are not charged to this one
     args = [sys.executable, __file__, "--worker", tool, method, json.dumps({k: str(v) for k, v in paths.items()}), str(out)]
-    done = subprocess.run(args, capture_output=True, text=True)
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{tool} {method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def max_difference(a: Path, b: Path) -> float:
+def side_by_side(method: str, paths: dict, ours_out: Path, theirs_out: Path, repeat: int) -> tuple[dict, dict]:
+    """Medians over `repeat` alternating pairs of fresh processes (the last outputs are kept)."""
+    pairs = [(_once("ours", method, paths, ours_out), _once("mergekit", method, paths, theirs_out)) for _ in range(repeat)]
+    return tuple({k: statistics.median(p[i][k] for p in pairs) for k in pairs[0][i]} for i in (0, 1))
+
+
+def compare(a: Path, b: Path) -> tuple[float, int, int]:
+    """(largest |difference|, entries differing by more than 1e-6, entries in all) between two outputs."""
     from runner.tensorio import TensorSource
 
     ours, theirs = TensorSource(a), TensorSource(b)
     if set(ours.weight_map) != set(theirs.weight_map):
         sys.exit(f"the outputs hold different tensors: {sorted(set(ours.weight_map) ^ set(theirs.weight_map))[:5]}")
-    return max(float((ours.get(k) - theirs.get(k)).abs().max()) for k in ours.keys())
+    largest, differing, total = 0.0, 0, 0
+    for key in ours.keys():
+        diff = (ours.get(key) - theirs.get(key)).abs()
+        largest, differing, total = max(largest, float(diff.max())), differing + int((diff > 1e-6).sum()), total + diff.numel()
+    return largest, differing, total
 
 
 def main() -> None:
@@ -117,6 +132,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--scale", default="1,2,4,8", help="layer multiples for the scaling run")
+    parser.add_argument("--repeat", type=int, default=3, help="fresh processes per figure (medians are shown)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -129,25 +145,25 @@ def main() -> None:
         paths = make_family(root, args.hidden, args.layers)
         print(f"inputs: llama hidden {args.hidden}, {args.layers} layers, fp32, "
               f"{sum(f.stat().st_size for f in paths['a'].glob('*.safetensors')) / 1e6:.0f} MB each")
-        print(f"{'method':<8} {'max |diff|':>10} {'ours s':>7} {'mk s':>7} {'time ratio':>10} "
+        print(f"{'method':<8} {'max |diff|':>10} {'differing':>9} {'ours s':>7} {'mk s':>7} {'time ratio':>10} "
               f"{'ours MB':>8} {'mk MB':>8} {'RSS ratio':>9} {'ours +MB':>9} {'mk +MB':>8}")
         for method in ("linear", "ties"):
-            ours = run("ours", method, paths, root / f"ours-{method}")
-            theirs = run("mergekit", method, paths, root / f"mk-{method}")
-            diff = max_difference(root / f"ours-{method}", root / f"mk-{method}")
-            print(f"{method:<8} {diff:>10.2e} {ours['seconds']:>7.2f} {theirs['seconds']:>7.2f} "
+            ours, theirs = side_by_side(method, paths, root / f"ours-{method}", root / f"mk-{method}", args.repeat)
+            diff, differing, total = compare(root / f"ours-{method}", root / f"mk-{method}")
+            print(f"{method:<8} {diff:>10.2e} {differing:>9} {ours['seconds']:>7.2f} {theirs['seconds']:>7.2f} "
                   f"{ours['seconds'] / theirs['seconds']:>10.2f} {ours['peak_mb']:>8.0f} {theirs['peak_mb']:>8.0f} "
                   f"{ours['peak_mb'] / theirs['peak_mb']:>9.2f} {ours['above_imports_mb']:>9.0f} "
                   f"{theirs['above_imports_mb']:>8.0f}")
 
+        print(f"(entries differing by > 1e-6, of {total}; TIES can differ where two |delta| tie at the trim threshold)")
         print("\nscaling (linear merge; peak RSS should stay flat as the layers grow)")
         print(f"{'layers':>6} {'MB/input':>8} {'ours s':>7} {'ours MB':>8} {'ours +MB':>9} {'mk s':>7} {'mk MB':>8} {'mk +MB':>8}")
         for factor in [int(x) for x in args.scale.split(",")]:
             layers = args.layers * factor
             family = paths if factor == 1 else make_family(root, args.hidden, layers)
             size = sum(f.stat().st_size for f in family["a"].glob("*.safetensors")) / 1e6
-            ours = run("ours", "linear", family, root / f"ours-scale-{layers}")
-            theirs = run("mergekit", "linear", family, root / f"mk-scale-{layers}")
+            ours, theirs = side_by_side("linear", family, root / f"ours-scale-{layers}", root / f"mk-scale-{layers}",
+                                        args.repeat)
             print(f"{layers:>6} {size:>8.0f} {ours['seconds']:>7.2f} {ours['peak_mb']:>8.0f} {ours['above_imports_mb']:>9.0f} "
                   f"{theirs['seconds']:>7.2f} {theirs['peak_mb']:>8.0f} {theirs['above_imports_mb']:>8.0f}")
             if factor != 1:

@@ -46,10 +46,11 @@ def interpolate(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: list[float] | None = None,
            normalize: bool = True) -> torch.Tensor:
     """Weighted average sum(w_i * x_i) / sum(w_i) (normalize=false: the plain weighted sum)."""
-    w = _weights(weights, len(tensors))
-    stacked = torch.stack(tensors)
-    out = (stacked * _expand(w, tensors[0])).sum(0)
-    return out / w.sum() if normalize else out
+    w = _weights(weights, len(tensors)).tolist()
+    out = tensors[0] * w[0]  # a running sum: no stacked copy of the inputs
+    for x, wi in zip(tensors[1:], w[1:]):
+        out.add_(x, alpha=wi)
+    return out / sum(w) if normalize else out
 
 
 @register("merge_method", "slerp")
