@@ -41,6 +41,10 @@ class Recipe:
         """Problems with the method blocks; called before any work. Override to add checks."""
         return []
 
+    def baseline_for(self, cfg: DictConfig) -> str | None:
+        """The role `eval.baseline=true` evaluates for this config (override when it depends on it)."""
+        return self.baseline_role
+
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
         raise NotImplementedError
 

@@ -245,9 +245,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if ctx.resume_from:
             log.info("resuming from %s", ctx.resume_from)
 
-        if cfg.eval.tasks and cfg.eval.baseline and recipe.baseline_role and main_process:
+        baseline_role = recipe.baseline_for(cfg)
+        if cfg.eval.tasks and cfg.eval.baseline and baseline_role and main_process:
             t = time.perf_counter()
-            results["baseline_metrics"] = _evaluate_role(ctx, recipe.baseline_role)
+            results["baseline_metrics"] = _evaluate_role(ctx, baseline_role)
             timings["baseline_eval_s"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()

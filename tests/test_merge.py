@@ -541,7 +541,8 @@ def test_problems_found_only_at_run_time_are_validated(compose, override, key):
 def test_mi_merge_recipe_end_to_end(compose, trio, tmp_path):
     a, b, _ = trio
     cfg = compose(["recipe=mi_merge", "merge.lam=0.5", f"instruct.path={a}", f"thinking.path={b}",
-                   "eval=toy_quick", "eval.limit=2", "eval.max_gen_toks=8", f"output_root={tmp_path}"])
+                   "eval=toy_quick", "eval.limit=2", "eval.max_gen_toks=8", "eval.baseline=true",
+                   f"output_root={tmp_path}"])
     results = run(cfg, tmp_path / "run")
     assert results == json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed" and results["recipe"] == "mi_merge" and results["kind"] == "merge"
@@ -552,6 +553,7 @@ def test_mi_merge_recipe_end_to_end(compose, trio, tmp_path):
     out = tensors_of(tmp_path / "run" / "checkpoint")
     assert all(torch.equal(out[k], torch.lerp(ta[k], tb[k], 0.5)) for k in ta)
     assert "toy_arith/exact_match" in results["metrics"]  # the merged checkpoint was evaluated
+    assert set(results["baseline_metrics"]) == set(results["metrics"])  # and so was Instruct, the baseline
 
 
 def test_timber_recipe_end_to_end(compose, trio, tmp_path):

@@ -122,6 +122,10 @@ class Merge(Recipe):
             problems.append(f"merge.modules: {bad} not allowed; choose from {', '.join(MODULE_KINDS)}")
         return problems
 
+    def baseline_for(self, cfg: DictConfig) -> str | None:
+        # MI and Timber are judged against Instruct, their backbone; list merges have no single baseline
+        return "instruct" if cfg.merge.method in ("interpolate", "timber") else None
+
     @staticmethod
     def _params(cfg: DictConfig) -> dict:
         own = set(MergeConfig.__dataclass_fields__)
