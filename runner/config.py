@@ -50,6 +50,7 @@ class DataConfig:
     format: str = "instruct"  # plain | instruct | thinking
     difficulty: str = "mixed"  # easy | hard | mixed
     variation: float = field(default=0.0, metadata=bounds(0, 1))  # probability of a varied phrasing around the answer
+    question_style: str = field(default="symbols", metadata=bounds(choices=("symbols", "words")))  # 7*9+17=? or in words
     # files and hub
     path: Optional[str] = None  # JSONL file (source=jsonl)
     name: Optional[str] = None  # hub dataset id (source=hub)

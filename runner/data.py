@@ -124,7 +124,8 @@ def load_records(data: Any) -> list[dict]:
         from runner.toy.tasks import TaskSpec, make_examples
 
         n = data.num_examples or 20000
-        return make_examples(TaskSpec(), data.format, data.difficulty, n, data.seed, data.variation)
+        return make_examples(TaskSpec(), data.format, data.difficulty, n, data.seed, data.variation,
+                             data.question_style)
     if data.source == "jsonl":
         with Path(data.path).expanduser().open() as f:
             rows = [json.loads(line) for line in f if line.strip()]

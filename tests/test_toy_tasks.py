@@ -4,7 +4,7 @@ import re
 import pytest
 
 from runner.toy import tasks
-from runner.toy.tasks import Problem, TaskSpec
+from runner.toy.tasks import Problem, TaskSpec, render
 
 SPEC = TaskSpec()
 
@@ -106,3 +106,23 @@ def test_spec_and_problem_reject_bad_input():
         TaskSpec(mul_max=1)
     with pytest.raises(ValueError, match="operators"):
         Problem((1, 2), ("/",))
+
+
+def test_questions_in_words_keep_the_number_tokens(toy_tokenizer):
+    problem = Problem((7, 9, 17), ("*", "+"))
+    assert problem.question("words") == "7times9plus17=?"
+    chat = render(problem, "instruct", style="words")["messages"]
+    assert chat[0]["content"] == "7times9plus17=?" and chat[1]["content"] == "7*9+17=80"  # answered in symbols
+    # the numbers tokenize exactly as in the symbol questions the zoo was trained on
+    ids = set(toy_tokenizer("7times9plus17=?")["input_ids"])
+    assert set(toy_tokenizer("7*9+17=?")["input_ids"]) - ids <= set(toy_tokenizer("*+")["input_ids"])
+
+
+def test_words_task_alternates_easy_and_hard():
+    from runner.toy.lm_tasks.utils import load_words
+
+    rows = load_words()["test"]
+    easy, hard = tasks.test_problems(TaskSpec(), "easy"), tasks.test_problems(TaskSpec(), "hard")
+    assert len(rows) == len(easy) + len(hard)
+    assert rows[0]["question"] == easy[0].question("words") and rows[1]["question"] == hard[0].question("words")
+    assert rows[1]["answer"] == str(hard[0].answer)

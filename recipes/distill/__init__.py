@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -38,6 +37,7 @@ from runner.config import (
 from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.lm_head import check_plain_head
+from runner.lora import LoraConfig, with_lora
 from runner.models import check_same_vocab, load_tokenizer, resolve_model_path
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import register
@@ -72,15 +72,6 @@ class OnPolicyConfig:
     temperature: float = field(default=1.0, metadata=bounds(0, lo_open=True))
     top_p: float = field(default=1.0, metadata=bounds(0, 1, lo_open=True))
     top_k: int = field(default=0, metadata=bounds(0))
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = False
-    rank: int = field(default=64, metadata=bounds(1))
-    alpha: Optional[float] = None  # default 2 * rank, as LLM-Neo
-    dropout: float = field(default=0.0, metadata=bounds(0, 1))
-    targets: str = "all-linear"  # peft target_modules: "all-linear" or a comma-separated list
 
 
 # Ranges of the divergences' own parameters.
@@ -149,7 +140,7 @@ class Distill(Recipe):
 
         reference = copy.deepcopy(student).eval().requires_grad_(False) if onpolicy.mode == "gopd" else None
         if lora.enabled:
-            student = self._with_lora(student, lora)
+            student = with_lora(student, lora)
 
         divergence = registry.get("kd_loss", loss_cfg.name).per_token
         params = {k: v for k, v in to_container(cfg.loss).items() if k not in LossConfig.__dataclass_fields__}
@@ -195,14 +186,3 @@ class Distill(Recipe):
             ctx.log.info("note: ignoring padded vocabulary rows beyond the tokenizer's %d tokens (%s)", tokenizer_len,
                          ", ".join(f"{k}: {v}" for k, v in padded.items()))
         return tokenizer_len
-
-    @staticmethod
-    def _with_lora(student, lora: DictConfig):
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        targets = lora.targets if lora.targets == "all-linear" else [t.strip() for t in lora.targets.split(",")]
-        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
-                                lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
-        return get_peft_model(student, config)
-

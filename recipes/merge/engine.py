@@ -74,10 +74,13 @@ class Selection:
 
     layers: set[int] | None = None  # None: all; tensors outside any layer are selected only when no layer filter is set
     modules: tuple[str, ...] | None = None  # None: all kinds
+    names: tuple[str, ...] | None = None  # None: all; else one dotted part of the name must be listed (q_proj, ...)
 
     def __call__(self, key: str) -> bool:
         layer, kind = classify(key)
         if self.modules is not None and kind not in self.modules:
+            return False
+        if self.names is not None and not set(self.names) & set(key.split(".")):
             return False
         if self.layers is not None:
             return layer is not None and layer in self.layers

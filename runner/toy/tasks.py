@@ -12,6 +12,9 @@ which is where working step by step pays off. Each problem renders in three form
   phrasing such as ``The answer is 80.``);
 - ``thinking``: a chat, question -> ``<think>7*9+17:7*9=63,63+17=80</think>80``.
 
+Chat questions are written with symbols (``7*9+17=?``) or, as a skill no zoo model is trained on,
+with the operators in words (``7times9plus17=?``).
+
 Test problems are a fixed function of `TaskSpec.world_seed` and never appear in training data:
 sampling rejects every held-out problem, and every problem whose working contains a held-out
 addition fact, so an easy test fact is never seen at all (its mirror image, b+a, may be).
@@ -28,6 +31,8 @@ from functools import lru_cache
 FORMATS = ("plain", "instruct", "thinking")
 DIFFICULTIES = ("easy", "hard", "mixed")
 OPERATORS = ("+", "-", "*")
+OPERATOR_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+QUESTION_STYLES = ("symbols", "words")
 MUL_FACT_SHARE = 0.3  # share of pretraining facts that are products
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -106,7 +111,14 @@ class Problem:
         values = self.running_values()
         return [(values[i], op, x) for i, (op, x) in enumerate(zip(self.operators, self.operands[1:]))]
 
-    def question(self) -> str:
+    def question(self, style: str = "symbols") -> str:
+        """``23+45=?``, or with the operators in words (``23plus45=?``): the skill the shadow-ft toy
+        transfers. No spaces: " 23" would be a token no zoo model has seen, not the "23" it knows."""
+        if style == "words":
+            parts = [str(self.operands[0])]
+            for op, x in zip(self.operators, self.operands[1:]):
+                parts += [OPERATOR_WORDS[op], str(x)]
+            return f"{''.join(parts)}=?"
         return f"{self.expression()}=?"
 
 
@@ -195,8 +207,10 @@ def answer_text(problem: Problem, rng: random.Random | None = None, variation: f
     return template.format(a=problem.answer, q=problem.expression())
 
 
-def render(problem: Problem, fmt: str, rng: random.Random | None = None, variation: float = 0.0) -> dict:
-    """One example: ``{"text": ...}`` for plain, ``{"messages": [...]}`` for the chat formats."""
+def render(problem: Problem, fmt: str, rng: random.Random | None = None, variation: float = 0.0,
+           style: str = "symbols") -> dict:
+    """One example: ``{"text": ...}`` for plain, ``{"messages": [...]}`` for the chat formats
+    (the question in `style`)."""
     if fmt == "plain":
         return {"text": working(problem)}
     if fmt == "instruct":
@@ -206,7 +220,7 @@ def render(problem: Problem, fmt: str, rng: random.Random | None = None, variati
         response = think_text(problem) + answer_text(problem, rng, variation, default="{a}")
     else:
         raise ValueError(f"unknown format {fmt!r}; formats are {FORMATS}")
-    return {"messages": [{"role": "user", "content": problem.question()}, {"role": "assistant", "content": response}]}
+    return {"messages": [{"role": "user", "content": problem.question(style)}, {"role": "assistant", "content": response}]}
 
 
 def make_examples(
@@ -216,11 +230,12 @@ def make_examples(
     n: int,
     seed: int,
     variation: float = 0.0,
+    style: str = "symbols",
 ) -> list[dict]:
     """`n` training examples, a deterministic function of all arguments."""
     rng = random.Random(f"{seed}-{fmt}-{difficulty}")
     return [
-        render(sample_problem(rng, spec, difficulty, fact_range=fmt == "plain"), fmt, rng, variation)
+        render(sample_problem(rng, spec, difficulty, fact_range=fmt == "plain"), fmt, rng, variation, style)
         for _ in range(n)
     ]
 

@@ -13,8 +13,8 @@ def _dataset(rows):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def _qa(split):
-    return [{"question": p.question(), "answer": str(p.answer)} for p in test_problems(TaskSpec(), split)]
+def _qa(split, style="symbols"):
+    return [{"question": p.question(style), "answer": str(p.answer)} for p in test_problems(TaskSpec(), split)]
 
 
 def load_easy(**kwargs):
@@ -23,6 +23,13 @@ def load_easy(**kwargs):
 
 def load_hard(**kwargs):
     return _dataset(_qa("hard"))
+
+
+def load_words(**kwargs):
+    """The easy and hard test problems asked in words ("7times9plus17=?"), alternating so
+    that a `limit` takes both kinds."""
+    easy, hard = _qa("easy", "words"), _qa("hard", "words")
+    return _dataset([row for pair in zip(easy, hard) for row in pair] + easy[len(hard):] + hard[len(easy):])
 
 
 def load_mc(**kwargs):

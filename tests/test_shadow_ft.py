@@ -1,0 +1,162 @@
+"""Shadow-FT: graft arithmetic per tensor, LoRA grafts equal the dense sum, checks, and toy runs."""
+
+import json
+
+import pytest
+import torch
+
+from recipes.merge.engine import Selection, merge_models
+from recipes.shadow_ft import PROJECTIONS, graft
+from runner.errors import ConfigError
+from runner.run import run, validate
+from runner.tensorio import TensorSource
+from tests.conftest import make_tiny_model
+
+
+def tensors_of(folder):
+    source = TensorSource(folder)
+    return {k: source.get(k).float() for k in source.keys()}
+
+
+def is_projection(key):
+    return bool(set(PROJECTIONS) & set(key.split(".")))
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory, toy_tokenizer):
+    """base, tuned base and instruct: one architecture, different weights."""
+    root = tmp_path_factory.mktemp("shadow")
+    return {name: make_tiny_model(root / name, toy_tokenizer, "llama", seed)
+            for name, seed in (("base", 1), ("tuned", 2), ("instruct", 3))}
+
+
+def test_graft_method_by_hand():
+    instruct, tuned, base = torch.tensor([1.0, 2.0]), torch.tensor([5.0, -1.0]), torch.tensor([3.0, 0.0])
+    assert torch.equal(graft([instruct, tuned], base), torch.tensor([3.0, 1.0]))  # I + (T - B)
+    assert torch.equal(graft([instruct, tuned], base, scale=0.5), torch.tensor([2.0, 1.5]))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_graft_recipe_touches_only_the_projections(compose, trio, tmp_path, scale):
+    cfg = compose(["recipe=graft", f"base.path={trio['base']}", f"tuned_base.path={trio['tuned']}",
+                   f"instruct.path={trio['instruct']}", f"graft.scale={scale}", "eval=none",
+                   f"output_root={tmp_path}"])
+    results = run(cfg, tmp_path / "run")
+    b, t, i = (tensors_of(trio[k]) for k in ("base", "tuned", "instruct"))
+    out = tensors_of(tmp_path / "run" / "checkpoint")
+    assert set(out) == set(i)
+    grafted = [k for k in i if is_projection(k)]
+    assert len(grafted) == 2 * 7  # two layers of q/k/v/o/gate/up/down
+    for k in i:
+        if is_projection(k):
+            torch.testing.assert_close(out[k], i[k] + scale * (t[k] - b[k]), rtol=0, atol=1e-6)
+        else:  # embeddings, norms, lm_head: Instruct's, bit for bit
+            assert torch.equal(out[k], i[k]), k
+    assert results["shadow_ft"] == {"tune": "none", "lora": False, "scale": scale, "grafted_tensors": 14,
+                                    "instruct_tensors": len(i) - 14}
+    config = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    assert config["model_type"] == "llama"
+
+
+def test_lora_graft_equals_the_dense_sum(trio, tmp_path):
+    """A LoRA-tuned base merged and grafted gives W_I + (alpha / r) B A on the adapted weights, and W_I elsewhere."""
+    from runner.lora import LoraConfig, with_lora
+    from runner.models import load_model, save_checkpoint
+
+    model, tokenizer = load_model({"path": str(trio["base"]), "dtype": "float32"})
+    lora = LoraConfig(enabled=True, rank=4, targets="q_proj,down_proj")
+    peft_model = with_lora(model, lora)
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            with torch.no_grad():  # peft starts B at zero; give both factors values
+                module.lora_A["default"].weight.copy_(torch.randn(module.lora_A["default"].weight.shape, generator=g))
+                module.lora_B["default"].weight.copy_(torch.randn(module.lora_B["default"].weight.shape, generator=g))
+            key = name.replace("base_model.model.", "") + ".weight"
+            factors[key] = (module.lora_B["default"].weight.clone(), module.lora_A["default"].weight.clone())
+    assert len(factors) == 4  # q_proj and down_proj in two layers
+    save_checkpoint(peft_model.merge_and_unload(), tokenizer, tmp_path / "tuned")
+
+    merge_models([trio["instruct"], tmp_path / "tuned"], trio["base"], graft, {"scale": 1.0}, tmp_path / "out",
+                 selection=Selection(names=tuple(PROJECTIONS)), outside=trio["instruct"], donor=trio["instruct"],
+                 dtype=None, max_shard_size="2GB", seed=0)
+    i, out = tensors_of(trio["instruct"]), tensors_of(tmp_path / "out")
+    scaling = 2 * lora.rank / lora.rank  # alpha defaults to 2 * rank
+    for k in i:
+        if k in factors:
+            b_mat, a_mat = factors[k]
+            torch.testing.assert_close(out[k], i[k] + scaling * b_mat @ a_mat, rtol=0, atol=1e-5)
+        else:  # not adapted: the tuned base equals the base, so the graft adds exactly nothing
+            assert torch.equal(out[k], i[k]), k
+
+
+def test_mismatched_checkpoints_fail_before_writing(trio, tmp_path, toy_tokenizer):
+    wide = make_tiny_model(tmp_path / "wide", toy_tokenizer, "llama", 4, hidden=48)
+    deep = make_tiny_model(tmp_path / "deep", toy_tokenizer, "llama", 4, layers=3)
+    for other, expected in ((wide, "model.embed_tokens.weight: shape [657, 32] in"), (deep, "tensor names differ")):
+        with pytest.raises(ConfigError) as err:
+            merge_models([trio["instruct"], other], trio["base"], graft, {}, tmp_path / "out",
+                         selection=Selection(names=tuple(PROJECTIONS)), outside=trio["instruct"],
+                         donor=trio["instruct"], dtype=None, max_shard_size="2GB", seed=0)
+        assert any(expected in p for p in err.value.problems), err.value.problems
+        assert not (tmp_path / "out").exists()
+
+
+def problems_of(cfg):
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    return err.value.problems
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ("recipe=graft tuned_base=null", "tuned_base: graft.tune=none needs a 'tuned_base' model"),
+    ("recipe=shadow_ft base=null", "base: graft.tune=base needs a 'base' model"),
+    ("recipe=instruct_ft model@base=toy-base", "base: set, but graft.tune=instruct does not use it"),
+    ("recipe=graft lora.enabled=true", "lora.enabled: graft.tune=none trains nothing"),
+    ("recipe=shadow_ft graft.patterns=[]", "graft.patterns: [] must list module names"),
+    ("recipe=shadow_ft graft.scale=-1", "graft.scale: -1.0 is out of range"),
+    ("recipe=shadow_ft graft.tune=tuned", "graft.tune: 'tuned' is not allowed"),
+    ("recipe=shadow_ft graft.max_shard_size=huge", "graft.max_shard_size: 'huge' is not a size"),
+    ("recipe=shadow_ft +graft.patern=[q_proj]", "graft.patern: unknown key"),
+    ("recipe=shadow_ft data.question_style=prose", "data.question_style: 'prose' is not allowed"),
+])
+def test_shadow_ft_config_errors(compose, overrides, expected):
+    found = problems_of(compose(overrides.split()))
+    assert any(expected in p for p in found), found
+
+
+@pytest.mark.parametrize("recipe", ["shadow_ft", "instruct_ft", "shadow_ft_lora", "instruct_ft_lora", "graft"])
+def test_named_recipes_are_valid(compose, recipe):
+    assert type(validate(compose([f"recipe={recipe}"]))).__name__ == "ShadowFT"
+
+
+TINY_TRAIN = ["train.steps=6", "train.batch_size=4", "train.save_every=0", "train.log_every=2",
+              "data.num_examples=40", "eval=none"]
+
+
+def test_shadow_ft_trains_base_and_grafts_its_delta(compose, trio, tmp_path):
+    cfg = compose(["recipe=shadow_ft", f"base.path={trio['base']}", f"instruct.path={trio['instruct']}",
+                   *TINY_TRAIN, f"output_root={tmp_path}"])
+    results = run(cfg, tmp_path / "run")
+    assert results["status"] == "completed" and results["train"]["steps"] == 6
+    b, i = tensors_of(trio["base"]), tensors_of(trio["instruct"])
+    tuned, out = tensors_of(tmp_path / "run" / "tuned_base"), tensors_of(tmp_path / "run" / "checkpoint")
+    assert any(not torch.equal(tuned[k], b[k]) for k in b)  # the base was trained
+    for k in i:
+        expected = i[k] + (tuned[k] - b[k]) if is_projection(k) else i[k]
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-6)
+
+
+def test_lora_recipes_make_low_rank_changes(compose, trio, tmp_path):
+    for recipe, anchor in (("shadow_ft_lora", "instruct"), ("instruct_ft_lora", "instruct")):
+        overrides = [f"recipe={recipe}", f"instruct.path={trio['instruct']}", *TINY_TRAIN, f"output_root={tmp_path}"]
+        if recipe == "shadow_ft_lora":
+            overrides.append(f"base.path={trio['base']}")
+        results = run(compose(overrides), tmp_path / recipe)
+        assert results["status"] == "completed" and results["shadow_ft"]["lora"] is True
+        start, out = tensors_of(trio[anchor]), tensors_of(tmp_path / recipe / "checkpoint")
+        changed = [k for k in start if not torch.allclose(out[k], start[k], atol=1e-7)]
+        assert changed and all(is_projection(k) for k in changed), changed
+        # each change is (alpha / r) B A with r = 8: rank at most 8 on these 32- and 64-wide matrices
+        assert all(torch.linalg.matrix_rank(out[k] - start[k], atol=1e-5) <= 8 for k in changed)
