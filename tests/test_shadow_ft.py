@@ -52,8 +52,13 @@ def test_graft_recipe_touches_only_the_projections(compose, trio, tmp_path, scal
             torch.testing.assert_close(out[k], i[k] + scale * (t[k] - b[k]), rtol=0, atol=1e-6)
         else:  # embeddings, norms, lm_head: Instruct's, bit for bit
             assert torch.equal(out[k], i[k]), k
-    assert results["shadow_ft"] == {"tune": "none", "lora": False, "scale": scale, "grafted_tensors": 14,
-                                    "instruct_tensors": len(i) - 14}
+    record = results["shadow_ft"]
+    assert {k: v for k, v in record.items() if k != "relative_delta"} == {
+        "tune": "none", "lora": False, "scale": scale, "grafted_tensors": 14, "instruct_tensors": len(i) - 14}
+    norm = {name: sum(float(w[k].square().sum()) for k in grafted) for name, w in
+            (("base", b), ("instruct", {k: i[k] - b[k] for k in i}), ("tuned_base", {k: t[k] - b[k] for k in t}))}
+    assert record["relative_delta"] == pytest.approx({"instruct": (norm["instruct"] / norm["base"]) ** 0.5,
+                                                      "tuned_base": (norm["tuned_base"] / norm["base"]) ** 0.5})
     config = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
     assert config["model_type"] == "llama"
 

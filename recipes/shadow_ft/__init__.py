@@ -7,7 +7,8 @@
   ``instruct + scale * (tuned_base - base)`` for every tensor with a dotted name part in
   ``graft.patterns`` (the attention and MLP projections, biases included); embeddings, lm_head and
   norms stay Instruct's. The graft streams tensor by tensor (`recipes.merge.engine`), so at most one
-  model is ever held in memory (the one being trained);
+  model is ever held in memory (the one being trained). results.json reports ``relative_delta``:
+  ||W_instruct - W_base|| / ||W_base|| (and the same for the tuned Base) over the grafted tensors;
 - ``instruct``: fine-tune ``instruct`` directly, fully or through LoRA: the conventional baseline;
 - ``none``: graft an existing ``tuned_base`` checkpoint onto ``instruct`` without training.
 
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -40,6 +42,27 @@ def graft(tensors, base, *, scale: float = 1.0):
     """instruct + scale * (tuned_base - base); tensors = [instruct, tuned_base]."""
     instruct, tuned = tensors
     return instruct + scale * (tuned - base)
+
+
+class GraftWithNorms:
+    """`graft`, also summing squared norms over the grafted tensors, to report how far Instruct and the
+    tuned Base sit from Base: Shadow-FT assumes the first is small (the paper's premise)."""
+
+    def __init__(self):
+        self.base = self.instruct_delta = self.tuned_delta = 0.0
+
+    def __call__(self, tensors, base, *, scale: float = 1.0):
+        instruct, tuned = tensors
+        self.base += float(base.square().sum())
+        self.instruct_delta += float((instruct - base).square().sum())
+        self.tuned_delta += float((tuned - base).square().sum())
+        return graft(tensors, base, scale=scale)
+
+    def relative(self) -> dict:
+        """||W_instruct - W_base|| / ||W_base|| and the same for the tuned Base, over the grafted tensors."""
+        if self.base == 0:
+            return {}
+        return {"instruct": math.sqrt(self.instruct_delta / self.base), "tuned_base": math.sqrt(self.tuned_delta / self.base)}
 
 
 @dataclass
@@ -116,16 +139,17 @@ class ShadowFT(Recipe):
         else:
             tuned = resolve_model_path(cfg.tuned_base)
         out = ctx.run_dir / "checkpoint"
-        stats = {}
+        stats, method = {}, GraftWithNorms()
         if ctx.is_main_process:
-            stats = merge_models([instruct, tuned], base, graft, {"scale": g.scale}, out,
+            stats = merge_models([instruct, tuned], base, method, {"scale": g.scale}, out,
                                  selection=Selection(names=tuple(g.patterns)), outside=instruct, donor=instruct,
                                  dtype=g.dtype, max_shard_size=g.max_shard_size, seed=cfg.seed)
         ctx.accelerator.wait_for_everyone()
         return RecipeResult(checkpoint=out, train=result,
                             extra={"shadow_ft": {"tune": g.tune, "lora": lora.enabled, "scale": g.scale,
                                                  "grafted_tensors": stats.get("merged_tensors"),
-                                                 "instruct_tensors": stats.get("copied_tensors")}})
+                                                 "instruct_tensors": stats.get("copied_tensors"),
+                                                 "relative_delta": method.relative()}})
 
     @staticmethod
     def _tune(model, tokenizer, lora, cfg: DictConfig, ctx: RunContext, desc: str):
