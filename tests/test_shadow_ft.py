@@ -1,6 +1,9 @@
 """Shadow-FT: graft arithmetic per tensor, LoRA grafts equal the dense sum, checks, and toy runs."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +168,37 @@ def test_lora_recipes_make_low_rank_changes(compose, trio, tmp_path):
         assert changed and all(is_projection(k) for k in changed), changed
         # each change is (alpha / r) B A with r = 8: rank at most 8 on these 32- and 64-wide matrices
         assert all(torch.linalg.matrix_rank(out[k] - start[k], atol=1e-5) <= 8 for k in changed)
+
+
+GRAFT_MEMORY_SCRIPT = """
+import sys
+from pathlib import Path
+from recipes.shadow_ft import PROJECTIONS, graft
+from recipes.merge.engine import Selection, merge_models
+
+def peak_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+root = Path(sys.argv[1])
+before = peak_mb()
+merge_models([root / "instruct", root / "tuned"], root / "base", graft, {}, root / "out",
+             selection=Selection(names=tuple(PROJECTIONS)), outside=root / "instruct", donor=root / "instruct",
+             dtype=None, max_shard_size="4MB", seed=0)
+print(peak_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
+def test_streamed_graft_holds_far_less_than_its_inputs(tmp_path, toy_tokenizer):
+    """Three 16-layer checkpoints of ~41 MB each: the graft's peak memory stays near one output shard."""
+    for name, seed in (("base", 1), ("tuned", 2), ("instruct", 3)):
+        make_tiny_model(tmp_path / name, toy_tokenizer, "llama", seed, hidden=256, layers=16)
+    inputs_mb = sum(f.stat().st_size for f in tmp_path.glob("*/model.safetensors")) / 2**20
+    done = subprocess.run([sys.executable, "-c", GRAFT_MEMORY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent)
+    peak_mb = float(done.stdout.strip().splitlines()[-1])
+    assert inputs_mb > 100
+    print(f"graft peak above imports: {peak_mb:.1f} MB for {inputs_mb:.1f} MB of inputs")
+    assert peak_mb < inputs_mb / 3, (peak_mb, inputs_mb)  # less than one of the three models
