@@ -41,6 +41,16 @@ def toy_tokenizer():
     return build_tokenizer()
 
 
+def problems_of(cfg) -> list[str]:
+    """The problems `runner.run.validate` reports for a composed config (it must report some)."""
+    from runner.errors import ConfigError
+    from runner.run import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    return err.value.problems
+
+
 def make_tiny_model(path: Path, tokenizer, model_type: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2):
     """A random tiny causal LM with the toy tokenizer, saved as an HF folder."""
     from runner.models import save_checkpoint

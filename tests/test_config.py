@@ -5,12 +5,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from runner.errors import ConfigError
 from runner.run import validate
-
-
-def problems_of(cfg) -> list[str]:
-    with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    return err.value.problems
+from tests.conftest import problems_of
 
 
 def test_default_config_is_valid(compose):

@@ -22,7 +22,7 @@ from recipes.merge.engine import (
 from runner import registry
 from runner.errors import ConfigError
 from runner.run import run, validate
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, problems_of
 
 T = torch.tensor
 
@@ -457,11 +457,6 @@ def test_engine_timber_cache_follows_the_checkpoint(trio, tmp_path, toy_tokenize
 
 # --------------------------------------------------------------------------------------------
 # Config validation through the recipe
-
-def problems_of(cfg) -> list[str]:
-    with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    return err.value.problems
 
 
 @pytest.mark.parametrize("recipe", ["mi_merge", "timber", "linear_merge", "slerp_merge", "ta_merge", "ties_merge",

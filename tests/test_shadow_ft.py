@@ -13,7 +13,7 @@ from recipes.shadow_ft import PROJECTIONS, graft
 from runner.errors import ConfigError
 from runner.run import run, validate
 from runner.tensorio import TensorSource
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, problems_of
 
 
 def tensors_of(folder):
@@ -110,11 +110,6 @@ def test_mismatched_checkpoints_fail_before_writing(trio, tmp_path, toy_tokenize
         assert any(expected in p for p in err.value.problems), err.value.problems
         assert not (tmp_path / "out").exists()
 
-
-def problems_of(cfg):
-    with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    return err.value.problems
 
 
 @pytest.mark.parametrize("overrides,expected", [
