@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from recipes.merge.engine import Selection, merge_models
 from runner.config import bounds, check_fields, method_block, unknown_keys
 from runner.data import build_dataset
+from runner.errors import ConfigError
 from runner.lora import LoraConfig, with_lora
 from runner.models import DTYPES, check_same_vocab, load_tokenizer, resolve_model_path
 from runner.recipe import Recipe, RecipeResult, RunContext
@@ -110,7 +111,7 @@ class ShadowFT(Recipe):
                 problems.append(f"graft.patterns: {list(g.patterns)!r} must list module names such as q_proj")
             try:
                 parse_size(g.max_shard_size)
-            except Exception:
+            except ConfigError:
                 problems.append(f"graft.max_shard_size: {g.max_shard_size!r} is not a size like 2GB or 500MB")
         return problems
 
