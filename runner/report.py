@@ -148,11 +148,60 @@ def plot(groups: dict[str, list[tuple[float, dict]]], metrics: list[str], key: s
     return path
 
 
+def curve_rows(curves: dict[str, dict], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    """A table of noise-eval curves (`results.json` "noise" blocks by label): one row per label and value."""
+    header = ["run", "param", "value", "seeds", *metrics]
+    table = []
+    for label, noise in curves.items():
+        for point in noise["curve"]:
+            cells = [f"{point['mean'][m]:.3f} ± {point['std'][m]:.3f}" if m in point["mean"] else "" for m in metrics]
+            table.append([label, noise["param"], f"{point['value']:g}", str(point["seeds"]), *cells])
+    return header, table
+
+
+def curve_plot(curves: dict[str, dict], metrics: list[str], path: Path) -> Path:
+    """Each metric's mean against the swept value with std error bars, one line per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
+        for label, noise in curves.items():
+            points = [p for p in noise["curve"] if metric in p["mean"]]
+            ax.errorbar([p["value"] for p in points], [p["mean"][metric] for p in points],
+                        yerr=[p["std"][metric] for p in points], marker="o", capsize=3, label=label)
+            ax.set_xlabel(noise["param"])
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def curve_metrics(curves: dict[str, dict], patterns: str) -> list[str]:
+    names = sorted({m for noise in curves.values() for p in noise["curve"] for m in p["mean"]})
+    chosen = []
+    for pattern in patterns.split(","):
+        chosen += [n for n in names if fnmatch.fnmatch(n, pattern.strip()) and n not in chosen]
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, sweep folders, or folders above them")
     parser.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated glob patterns ({DEFAULT_METRICS})")
     parser.add_argument("--x", default=None, metavar="KEY", help="plot the metrics against this numeric config key")
+    parser.add_argument("--curves", action="store_true",
+                        help="noise-eval runs: tabulate and plot each run's curve (mean ± std per value)")
     parser.add_argument("--out", type=Path, default=None, help="where report.csv/report.md go (default: first path)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.is_dir()]
@@ -163,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no results.json under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
+    if args.curves:
+        return _report_curves(runs, args)
     metrics = select_metrics(runs, args.metrics)
     groups = series(runs, args.x) if args.x else {}
     if args.x and not groups:
@@ -185,6 +236,34 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"wrote {csv_path} and {md_path}")
     if groups and metrics:
         console.print(f"wrote {plot(groups, metrics, args.x, (args.out or args.paths[0]) / 'report.png')}")
+    return 0
+
+
+def _report_curves(runs: list[dict], args) -> int:
+    shared = common_overrides(runs)
+    curves = {(" ".join(o for o in r["_overrides"] if o not in shared) or r["_dir"].name): r["noise"]
+              for r in runs if r.get("status") == "completed" and "noise" in r}
+    failed = [r["_dir"].name for r in runs if r.get("status") != "completed"]
+    if not curves:
+        print("error: --curves: no completed noise-eval run (results.json with a 'noise' curve)", file=sys.stderr)
+        return 2
+    metrics = curve_metrics(curves, args.metrics)
+    header, table = curve_rows(curves, metrics)
+    out = args.out or args.paths[0]
+    write(header, table, out)
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = Table(title=f"{len(curves)} curve(s)" + (f"; all with {' '.join(shared)}" if shared else ""))
+    for h in header:
+        shown.add_column(h, justify="left" if h in ("run", "param") else "right")
+    for row in table:
+        shown.add_row(*row)
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(shown)
+    if failed:
+        console.print(f"[red]failed: {', '.join(failed)}[/red]")
+    console.print(f"wrote {out / 'report.csv'}, {out / 'report.md'} and {curve_plot(curves, metrics, out / 'report.png')}")
     return 0
 
 
