@@ -191,7 +191,7 @@ def test_memristor_noise_run_reports_the_curve(compose, tiny_llama, tmp_path):
     from runner.report import main as report
 
     cfg = compose(["recipe=memristor_noise", f"model.path={tiny_llama}", "noise.sweep=[0.0,0.5]", "noise.seeds=[0,1]",
-                   "eval.limit=4", "eval.max_gen_toks=6", f"output_root={tmp_path}"])
+                   "noise.save_trials=true", "eval.limit=4", "eval.max_gen_toks=6", f"output_root={tmp_path}"])
     results = run(cfg, tmp_path / "run")
     assert results["status"] == "completed" and results["checkpoint"] is None
     curve = results["noise"]["curve"]
@@ -200,6 +200,11 @@ def test_memristor_noise_run_reports_the_curve(compose, tiny_llama, tmp_path):
     assert curve[0]["std"]["toy_arith/exact_match"] == 0.0  # no noise: both seeds see the same model
     assert results["metrics"]["toy_arith/exact_match@sigma=0.5"] == curve[1]["mean"]["toy_arith/exact_match"]
     assert (tmp_path / "run" / "noise_curve.png").is_file()
+    saved = load_model({"path": str(tmp_path / "run" / "trials" / "sigma=0.5" / "seed1"), "dtype": "float32"})[0]
+    clean = load_model({"path": str(tiny_llama), "dtype": "float32"})[0]
+    state, noisy = clean.state_dict(), saved.state_dict()
+    changed = {k for k in state if not torch.equal(state[k], noisy[k])}
+    assert changed and all("proj" in k for k in changed)  # the saved trial is the noisy model, digital parts exact
     assert json.loads((tmp_path / "run" / "results.json").read_text())["noise"]["param"] == "sigma"
     assert report([str(tmp_path / "run"), "--curves", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.png").is_file()

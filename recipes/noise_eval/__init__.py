@@ -13,7 +13,7 @@ order. Embeddings, norms and lm_head stay digital. Strategies:
 - thinking on/off and few-shot on/off go through the eval stage (``eval.enable_thinking``,
   ``eval.num_fewshot``).
 
-No checkpoint is written; results.json holds the curve (mean and std per value, every trial) and
+No checkpoint is written (``noise.save_trials=true`` writes every noisy model); results.json holds the curve (mean and std per value, every trial) and
 ``metrics`` flattens it as ``<task>/<metric>@<param>=<value>`` (mean) and ``...:std``.
 
     python -m runner recipe=memristor_noise
@@ -58,6 +58,7 @@ class NoiseConfig:
     redundancy: str = field(default="none", metadata=bounds(choices=("none", "shallow", "middle", "deep")))
     redundancy_k: Optional[int] = field(default=None, metadata=bounds(1))  # layers in the range; default ceil(L/4)
     redundancy_r: int = field(default=2, metadata=bounds(1))  # noisy copies averaged
+    save_trials: bool = False  # also write each noisy model as a checkpoint (trials/<param>=<value>/seed<s>)
 
 
 def decoder_linears(model) -> list[tuple[str, torch.nn.Linear, int]]:
@@ -173,6 +174,8 @@ class NoiseEval(Recipe):
                 hooks = apply_noise(targets, clean, perturb, {**params, n.param: value}, seed, redundant,
                                     n.redundancy_r, n.read_sigma)
                 try:
+                    if n.save_trials:
+                        ctx.save(model, tokenizer, name=f"trials/{n.param}={value}/seed{seed}")
                     metrics = evaluate(model, tokenizer, cfg.eval, ctx.run_dir / "eval" / f"{n.param}={value}" / f"seed{seed}",
                                        label=f"{n.param}={value} seed {seed}").metrics
                 finally:
