@@ -10,7 +10,7 @@ PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-fast run zoo zoo-eval mi-sweep bench clean-outputs
+.PHONY: setup test test-fast run zoo zoo-eval mi-sweep distill-sweep noise-curves bench clean-outputs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +34,26 @@ zoo:  ## build the toy zoo (cached under ~/.cache/runner) and measure it
 	$(BIN)/python -m runner.toy.zoo eval
 
 MI_LAMBDAS ?= 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
-MI_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
-MI_SWEEP_DIR ?= outputs/mi_sweep/$(MI_STAMP)
+STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+MI_SWEEP_DIR ?= outputs/mi_sweep/$(STAMP)
 mi-sweep:  ## the MI lambda sweep over toy-instruct <-> toy-thinking: table and plot (add MI_ARGS=merge.modules=[mlp] ...)
 	$(BIN)/python -m runner -m recipe=mi_merge eval=toy_quick eval.limit=200 "merge.lam=$(MI_LAMBDAS)" \
 		hydra.sweep.dir=$(MI_SWEEP_DIR) $(MI_ARGS)
 	$(BIN)/python -m runner.report $(MI_SWEEP_DIR) --x merge.lam \
 		--metrics '*/exact_match,*/response_tokens,*/think_rate'
+
+DISTILL_SWEEP_DIR ?= outputs/distill_sweep/$(STAMP)
+distill-sweep:  ## every KD divergence and on-policy mode, toy-teacher -> toy-student, then the table
+	$(BIN)/python -m runner -m recipe=fkl_distill,rkl_distill,skl_distill,srkl_distill,jsd_distill,tvd_distill,akl_distill,loca_distill,neo_distill,gkd_distill,gopd_distill \
+		hydra.sweep.dir=$(DISTILL_SWEEP_DIR)
+	$(BIN)/python -m runner.report $(DISTILL_SWEEP_DIR) --metrics 'toy_arith*/exact_match,toy_arith_mc/acc'
+
+NOISE_DIR ?= outputs/noise_curves/$(STAMP)
+noise-curves:  ## accuracy vs programming noise: Instruct vs Thinking, and layer redundancy; tables and plots
+	$(BIN)/python -m runner -m recipe=memristor_noise model.path=toy-instruct,toy-thinking hydra.sweep.dir=$(NOISE_DIR)/thinking
+	$(BIN)/python -m runner.report $(NOISE_DIR)/thinking --curves --metrics 'toy_arith*/exact_match'
+	$(BIN)/python -m runner -m recipe=noise_redundancy noise.redundancy=none,shallow,deep hydra.sweep.dir=$(NOISE_DIR)/redundancy
+	$(BIN)/python -m runner.report $(NOISE_DIR)/redundancy --curves --metrics 'toy_arith*/exact_match'
 
 bench:  ## benchmarks against peers (TRL from the bench extra), printed as ratios
 	$(BIN)/pip install -q -e ".[bench]"
