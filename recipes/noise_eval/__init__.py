@@ -132,7 +132,8 @@ class NoiseEval(Recipe):
                             f"choose one of {', '.join(allowed)}")
         elif n.param in params:
             problems.append(f"noise.{n.param}: set, but it is the swept parameter (noise.param); give its values in noise.sweep")
-        problems += registry.check_params(perturb, {**params, n.param: 0}, key="noise", skip=2)
+        swept = {n.param: 0} if n.param in allowed else {}  # a bad noise.param is reported once, above
+        problems += registry.check_params(perturb, {**params, **swept}, key="noise", skip=2)
         for key, values in [(n.param, list(n.sweep)), *[(k, [v]) for k, v in params.items()]]:
             if key in PARAM_RANGES:
                 lo, hi = PARAM_RANGES[key]
