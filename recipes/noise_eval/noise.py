@@ -74,9 +74,9 @@ def pcm(weight: torch.Tensor, generator: torch.Generator, *, t_inference: float 
         drift_compensation: bool = True) -> torch.Tensor:
     """PCM conductances read at `t_inference` seconds after programming (t <= 20 s: programming noise only).
 
-    drift_compensation rescales the tensor by sum|W_programmed| / sum|W_drifted|, one scalar per
-    tensor: a weight-level stand-in for aihwkit's GlobalDriftCompensation, which rescales outputs
-    from a reference read (a reconstruction, labelled as such in the config).
+    drift_compensation rescales the tensor by sum|W_target| / sum|W_read|, one scalar per tensor: a
+    weight-level stand-in for aihwkit's GlobalDriftCompensation, which rescales outputs from a
+    reference read (a reconstruction, labelled as such in the config).
     """
     g_pos, g_neg, w_max = _to_conductances(weight)
     at_t = _pcm_device(g_pos, t_inference, generator) - _pcm_device(g_neg, t_inference, generator)
