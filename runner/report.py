@@ -84,13 +84,16 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
+def markdown(header: list[str], table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table]) + "\n"
+
+
 def write(header: list[str], table: list[list[str]], out_dir: Path) -> tuple[Path, Path]:
     csv_path, md_path = out_dir / "report.csv", out_dir / "report.md"
     with csv_path.open("w", newline="") as f:
         csv.writer(f).writerows([header, *table])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table]
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text(markdown(header, table))
     return csv_path, md_path
 
 
@@ -121,8 +124,8 @@ def series(runs: list[dict], key: str) -> dict[str, list[tuple[float, dict]]]:
     return {label: sorted(points, key=lambda p: p[0]) for label, points in groups.items()}
 
 
-def plot(groups: dict[str, list[tuple[float, dict]]], metrics: list[str], key: str, path: Path) -> Path:
-    """One panel per metric, the metric against `key`, one line per group."""
+def plot_panels(metrics: list[str], xlabel: str, lines, path: Path) -> Path:
+    """One panel per metric; `lines(metric)` gives (label, xs, ys, yerr or None) for each line in it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,19 +136,30 @@ def plot(groups: dict[str, list[tuple[float, dict]]], metrics: list[str], key: s
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
+    labels = set()
     for ax, metric in zip(axes.flat, metrics):
-        for label, points in groups.items():
-            xs = [x for x, values in points if metric in values]
-            ax.plot(xs, [values[metric] for _, values in points if metric in values], marker="o", label=label)
+        for label, xs, ys, yerr in lines(metric):
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3 if yerr else 0, label=label)
+            labels.add(label)
         ax.set_title(metric, fontsize=9)
-        ax.set_xlabel(key)
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    if len(groups) > 1:
+    if len(labels) > 1:
         axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot(groups: dict[str, list[tuple[float, dict]]], metrics: list[str], key: str, path: Path) -> Path:
+    """Each metric against the config key `key`, one line per group of runs."""
+    def lines(metric):
+        for label, points in groups.items():
+            kept = [(x, values[metric]) for x, values in points if metric in values]
+            yield label, [x for x, _ in kept], [y for _, y in kept], None
+
+    return plot_panels(metrics, key, lines, path)
 
 
 def curve_rows(curves: dict[str, dict], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -160,31 +174,15 @@ def curve_rows(curves: dict[str, dict], metrics: list[str]) -> tuple[list[str], 
 
 
 def curve_plot(curves: dict[str, dict], metrics: list[str], path: Path) -> Path:
-    """Each metric's mean against the swept value with std error bars, one line per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = min(3, len(metrics))
-    nrows = -(-len(metrics) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(metrics):]:
-        ax.set_visible(False)
-    for ax, metric in zip(axes.flat, metrics):
+    """Each metric's mean against the swept value with std error bars, one line per curve."""
+    def lines(metric):
         for label, noise in curves.items():
             points = [p for p in noise["curve"] if metric in p["mean"]]
-            ax.errorbar([p["value"] for p in points], [p["mean"][metric] for p in points],
-                        yerr=[p["std"][metric] for p in points], marker="o", capsize=3, label=label)
-            ax.set_xlabel(noise["param"])
-        ax.set_title(metric, fontsize=9)
-        ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+            yield (label, [p["value"] for p in points], [p["mean"][metric] for p in points],
+                   [p["std"][metric] for p in points])
+
+    xlabel = " / ".join(dict.fromkeys(noise["param"] for noise in curves.values()))
+    return plot_panels(metrics, xlabel, lines, path)
 
 
 def curve_metrics(curves: dict[str, dict], patterns: str) -> list[str]:

@@ -201,16 +201,14 @@ class NoiseEval(Recipe):
     @staticmethod
     def _write_curve(n, curve: list[dict], ctx: RunContext) -> None:
         """noise_curve.md and noise_curve.png (exact-match metrics, mean ± std) in the run folder."""
-        from runner.report import curve_metrics, curve_plot, curve_rows
+        from runner.report import curve_metrics, curve_plot, curve_rows, markdown
 
         curves = {n.model: {"param": n.param, "curve": curve}}
         metrics = curve_metrics(curves, "*/exact_match,*/acc")
-        header, table = curve_rows(curves, metrics)
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in table]
-        (ctx.run_dir / "noise_curve.md").write_text("\n".join(lines) + "\n")
+        table = markdown(*curve_rows(curves, metrics))
+        (ctx.run_dir / "noise_curve.md").write_text(table)
         curve_plot(curves, metrics, ctx.run_dir / "noise_curve.png")
-        ctx.log.info("accuracy vs %s (mean ± std over %d seeds):\n%s", n.param, len(n.seeds), "\n".join(lines))
+        ctx.log.info("accuracy vs %s (mean ± std over %d seeds):\n%s", n.param, len(n.seeds), table)
 
 
 def aggregate(trials: list[dict]) -> list[dict]:
