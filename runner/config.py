@@ -245,6 +245,22 @@ def method_block(cfg: DictConfig, key: str, schema: type) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(schema), present)
 
 
+def checked_blocks(cfg: DictConfig, *specs: tuple[str, type]) -> tuple[list[DictConfig], list[str]]:
+    """Method blocks typed by their schemas, and the problems of their fields.
+
+    `specs` are (key, schema) pairs. When OmegaConf refuses a value's type (``loss.kd_ratio=abc``)
+    the blocks are ``[]`` and the problem is that one message.
+    """
+    blocks = []
+    for key, schema in specs:
+        try:
+            blocks.append(method_block(cfg, key, schema))
+        except Exception as exc:  # OmegaConf's validation errors carry the field in full_key
+            field_name = getattr(exc, "full_key", None)
+            return [], [f"{key}.{field_name}: {str(exc).splitlines()[0]}" if field_name else str(exc).splitlines()[0]]
+    return blocks, [p for block, (key, schema) in zip(blocks, specs) for p in check_fields(block, schema, key)]
+
+
 def unknown_keys(cfg: DictConfig, key: str, allowed: set[str]) -> list[str]:
     from runner.registry import did_you_mean
 

@@ -80,3 +80,13 @@ def test_model_group_sets_a_role(compose):
 def test_seed_flows_into_train_and_data(compose):
     cfg = compose(["seed=7"])
     assert cfg.train.seed == 7 and cfg.data.seed == 7
+
+
+@pytest.mark.parametrize("override,key", [
+    ("recipe=akl_distill loss.kd_ratio=abc", "kd_ratio"),
+    ("recipe=shadow_ft graft.scale=big", "scale"),
+    ("recipe=memristor_noise noise.redundancy_r=two", "redundancy_r"),
+])
+def test_a_wrongly_typed_method_key_is_one_clear_problem(compose, override, key):
+    found = problems_of(compose(override.split()))
+    assert len(found) == 1 and key in found[0], found

@@ -28,7 +28,7 @@ from recipes.distill.onpolicy import GKD, GOPD, Sampling
 from runner import registry
 from runner.config import (
     bounds,
-    check_fields,
+    checked_blocks,
     method_block,
     range_problem,
     to_container,
@@ -88,15 +88,10 @@ class Distill(Recipe):
 
     # ----------------------------------------------------------------------------------------
     def validate(self, cfg: DictConfig) -> list[str]:
-        problems = []
-        try:
-            loss = method_block(cfg, "loss", LossConfig)
-            onpolicy = method_block(cfg, "onpolicy", OnPolicyConfig)
-            lora = method_block(cfg, "lora", LoraConfig)
-        except Exception as exc:  # OmegaConf type errors, e.g. loss.kd_ratio=abc
-            return [f"{str(exc).splitlines()[0]}"]
-        problems += check_fields(loss, LossConfig, "loss") + check_fields(onpolicy, OnPolicyConfig, "onpolicy")
-        problems += check_fields(lora, LoraConfig, "lora")
+        blocks, problems = checked_blocks(cfg, ("loss", LossConfig), ("onpolicy", OnPolicyConfig), ("lora", LoraConfig))
+        if not blocks:
+            return problems
+        loss, onpolicy, lora = blocks
         problems += unknown_keys(cfg, "onpolicy", set(OnPolicyConfig.__dataclass_fields__))
         problems += unknown_keys(cfg, "lora", set(LoraConfig.__dataclass_fields__))
         if loss.name not in registry.names("kd_loss"):

@@ -33,7 +33,7 @@ from recipes.merge.engine import (
     parse_layers,
 )
 from runner import registry
-from runner.config import bounds, check_fields, method_block, to_container
+from runner.config import bounds, checked_blocks, method_block, to_container
 from runner.errors import ConfigError
 from runner.models import resolve_model_path
 from runner.recipe import Recipe, RecipeResult, RunContext
@@ -74,11 +74,10 @@ class Merge(Recipe):
     blocks = ("merge",)
 
     def validate(self, cfg: DictConfig) -> list[str]:
-        try:
-            m = method_block(cfg, "merge", MergeConfig)
-        except Exception as exc:  # OmegaConf type errors
-            return [str(exc).splitlines()[0]]
-        problems = check_fields(m, MergeConfig, "merge")
+        blocks, problems = checked_blocks(cfg, ("merge", MergeConfig))
+        if not blocks:
+            return problems
+        (m,) = blocks
         if m.method not in INPUTS:
             return problems + [registry.unknown_name_message("merge_method", m.method, INPUTS, key="merge.method")]
         fn = registry.get("merge_method", m.method)

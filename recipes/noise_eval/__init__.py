@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from recipes.noise_eval import noise  # noqa: F401  (registers the noise models)
 from recipes.noise_eval.noise import ReadNoise
 from runner import registry
-from runner.config import bounds, check_fields, method_block, to_container
+from runner.config import bounds, checked_blocks, method_block, to_container
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import register
 
@@ -112,11 +112,10 @@ class NoiseEval(Recipe):
     baseline_role = "model"
 
     def validate(self, cfg: DictConfig) -> list[str]:
-        try:
-            n = method_block(cfg, "noise", NoiseConfig)
-        except Exception as exc:  # OmegaConf type errors
-            return [str(exc).splitlines()[0]]
-        problems = check_fields(n, NoiseConfig, "noise")
+        blocks, problems = checked_blocks(cfg, ("noise", NoiseConfig))
+        if not blocks:
+            return problems
+        (n,) = blocks
         if n.model not in registry.names("noise_model"):
             return problems + [registry.unknown_name_message("noise_model", n.model, registry.names("noise_model"),
                                                              key="noise.model")]

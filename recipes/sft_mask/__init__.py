@@ -17,7 +17,13 @@ from omegaconf import DictConfig
 from recipes.sft_mask import selectors
 from recipes.sft_mask.objective import NORMS, MaskedSFT, Proximal
 from runner import registry
-from runner.config import bounds, check_fields, method_block, to_container, unknown_keys
+from runner.config import (
+    bounds,
+    checked_blocks,
+    method_block,
+    to_container,
+    unknown_keys,
+)
 from runner.data import build_dataset
 from runner.lm_head import check_plain_head
 from runner.recipe import Recipe, RecipeResult, RunContext
@@ -51,11 +57,10 @@ class SFTMask(Recipe):
     baseline_role = "model"
 
     def validate(self, cfg: DictConfig) -> list[str]:
-        try:
-            sel, loss = method_block(cfg, "selector", SelectorConfig), method_block(cfg, "loss", MaskLossConfig)
-        except Exception as exc:  # OmegaConf type errors
-            return [str(exc).splitlines()[0]]
-        problems = check_fields(sel, SelectorConfig, "selector") + check_fields(loss, MaskLossConfig, "loss")
+        blocks, problems = checked_blocks(cfg, ("selector", SelectorConfig), ("loss", MaskLossConfig))
+        if not blocks:
+            return problems
+        sel, loss = blocks
         problems += unknown_keys(cfg, "loss", set(MaskLossConfig.__dataclass_fields__))
         if sel.name != "none" and sel.name not in registry.names("token_selector"):
             valid = ["none", *registry.names("token_selector")]

@@ -25,7 +25,7 @@ from typing import List, Optional
 from omegaconf import DictConfig
 
 from recipes.merge.engine import Selection, merge_models
-from runner.config import bounds, check_fields, method_block, unknown_keys
+from runner.config import bounds, checked_blocks, method_block, unknown_keys
 from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.lora import LoraConfig, with_lora
@@ -88,12 +88,10 @@ class ShadowFT(Recipe):
     baseline_role = "instruct"
 
     def validate(self, cfg: DictConfig) -> list[str]:
-        try:
-            g = method_block(cfg, "graft", GraftConfig)
-            lora = method_block(cfg, "lora", LoraConfig)
-        except Exception as exc:  # OmegaConf type errors, e.g. graft.scale=abc
-            return [str(exc).splitlines()[0]]
-        problems = check_fields(g, GraftConfig, "graft") + check_fields(lora, LoraConfig, "lora")
+        blocks, problems = checked_blocks(cfg, ("graft", GraftConfig), ("lora", LoraConfig))
+        if not blocks:
+            return problems
+        g, lora = blocks
         problems += unknown_keys(cfg, "graft", set(GraftConfig.__dataclass_fields__))
         problems += unknown_keys(cfg, "lora", set(LoraConfig.__dataclass_fields__))
         if problems:
