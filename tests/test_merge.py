@@ -564,3 +564,20 @@ def test_timber_recipe_end_to_end(compose, trio, tmp_path):
         assert torch.equal(out[k], methods.timber([w], tb[k], tail_scale=0.2)), k
     cached = {p.stem.rsplit("-", 1)[0] for p in (cache_dir() / "svd").glob("*.safetensors")}
     assert {k for k, w in ti.items() if w.dim() == 2} <= cached  # one SVD per matrix, ready for a sweep
+
+
+def test_tensor_source_reads_what_safetensors_wrote(tmp_path):
+    """Plain-read tensors equal safetensors' own loading, for each dtype, shape and an empty tensor."""
+    from runner.tensorio import TensorSource
+
+    g = torch.Generator().manual_seed(0)
+    written = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 2, generator=g).bfloat16(),
+               "f16": torch.randn(7, generator=g).half(), "i64": torch.arange(6).view(2, 3),
+               "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    save_file(written, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    source = TensorSource(tmp_path)
+    assert set(source.keys()) == set(written)
+    for key, tensor in load_file(str(tmp_path / "model.safetensors")).items():
+        read = source.get(key)
+        assert read.dtype == tensor.dtype and torch.equal(read, tensor), key
+        assert source.shape(key) == list(tensor.shape)
