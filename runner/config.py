@@ -245,6 +245,13 @@ def method_block(cfg: DictConfig, key: str, schema: type) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(schema), present)
 
 
+def component_params(cfg: DictConfig, key: str, schema: type) -> dict:
+    """The keys of a method block that its schema does not own: the component's own parameters
+    (``loss.mu`` beside ``loss.name``), as plain values."""
+    known = set(schema.__dataclass_fields__)
+    return {k: v for k, v in (to_container(cfg.get(key)) or {}).items() if k not in known}
+
+
 def checked_blocks(cfg: DictConfig, *specs: tuple[str, type]) -> tuple[list[DictConfig], list[str]]:
     """Method blocks typed by their schemas, and the problems of their fields.
 

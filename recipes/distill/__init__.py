@@ -29,9 +29,9 @@ from runner import registry
 from runner.config import (
     bounds,
     checked_blocks,
+    component_params,
     method_block,
     range_problem,
-    to_container,
     unknown_keys,
 )
 from runner.data import build_dataset
@@ -98,8 +98,7 @@ class Distill(Recipe):
             problems.append(registry.unknown_name_message("kd_loss", loss.name, registry.names("kd_loss"), key="loss.name"))
             return problems
         per_token = registry.get("kd_loss", loss.name).per_token
-        own = set(LossConfig.__dataclass_fields__)
-        div_params = {k: v for k, v in (cfg.get("loss") or {}).items() if k not in own}
+        div_params = component_params(cfg, "loss", LossConfig)
         problems += [p.replace("unknown parameter.", f"unknown key for loss {loss.name!r}.")
                      for p in registry.check_params(per_token, div_params, key="loss", skip=2)]
         for k, v in div_params.items():
@@ -138,7 +137,7 @@ class Distill(Recipe):
             student = with_lora(student, lora)
 
         divergence = registry.get("kd_loss", loss_cfg.name).per_token
-        params = {k: v for k, v in to_container(cfg.loss).items() if k not in LossConfig.__dataclass_fields__}
+        params = component_params(cfg, "loss", LossConfig)
         objective = KDObjective(divergence, params, temperature=loss_cfg.temperature, kd_ratio=loss_cfg.kd_ratio,
                                 loca_alpha=loss_cfg.loca.alpha if loss_cfg.loca.enabled else None,
                                 topk=loss_cfg.topk, chunk_size=loss_cfg.chunk_size, vocab_size=vocab_size)

@@ -33,7 +33,7 @@ from recipes.merge.engine import (
     parse_layers,
 )
 from runner import registry
-from runner.config import bounds, checked_blocks, method_block, to_container
+from runner.config import bounds, checked_blocks, component_params, method_block
 from runner.errors import ConfigError
 from runner.models import resolve_model_path
 from runner.recipe import Recipe, RecipeResult, RunContext
@@ -81,7 +81,7 @@ class Merge(Recipe):
         if m.method not in INPUTS:
             return problems + [registry.unknown_name_message("merge_method", m.method, INPUTS, key="merge.method")]
         fn = registry.get("merge_method", m.method)
-        params = self._params(cfg)
+        params = component_params(cfg, "merge", MergeConfig)
         problems += registry.check_params(fn, params, key="merge", skip=2, runtime=methods.RUNTIME_ARGS)
         problems += self._check_values(params)
         roles, base = INPUTS[m.method]
@@ -126,11 +126,6 @@ class Merge(Recipe):
         return "instruct" if cfg.merge.method in ("interpolate", "timber") else None
 
     @staticmethod
-    def _params(cfg: DictConfig) -> dict:
-        own = set(MergeConfig.__dataclass_fields__)
-        return {k: v for k, v in (to_container(cfg.get("merge")) or {}).items() if k not in own}
-
-    @staticmethod
     def _check_values(params: dict) -> list[str]:
         problems = []
         for key in ("lam", "t", "density", "tail_scale"):
@@ -167,7 +162,7 @@ class Merge(Recipe):
             svd_cache = SVDCache(cache_dir() / "svd")
         out = ctx.run_dir / "checkpoint"
         if ctx.is_main_process:
-            stats = merge_models(inputs, base, registry.get("merge_method", m.method), self._params(cfg), out,
+            stats = merge_models(inputs, base, registry.get("merge_method", m.method), component_params(cfg, "merge", MergeConfig), out,
                                  selection=selection, outside=outside, donor=donor, dtype=m.dtype,
                                  max_shard_size=m.max_shard_size, seed=m.seed, svd_cache=svd_cache)
         else:

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from recipes.noise_eval import noise  # noqa: F401  (registers the noise models)
 from recipes.noise_eval.noise import ReadNoise
 from runner import registry
-from runner.config import bounds, checked_blocks, method_block, to_container
+from runner.config import bounds, checked_blocks, component_params, method_block
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import register
 
@@ -123,7 +123,7 @@ class NoiseEval(Recipe):
             problems.append("noise.sweep: empty; give the levels to sweep, e.g. [0, 0.01, 0.02]")
         if not n.seeds:
             problems.append("noise.seeds: empty; give at least one seed (3 or more for error bars)")
-        params = self._params(cfg)
+        params = component_params(cfg, "noise", NoiseConfig)
         perturb = registry.get("noise_model", n.model)
         allowed = list(inspect.signature(perturb).parameters)[2:]
         if n.param not in allowed:
@@ -147,16 +147,11 @@ class NoiseEval(Recipe):
             problems.append("eval.tasks: empty; noise-eval measures accuracy, so it needs tasks (e.g. eval=toy_quick)")
         return problems
 
-    @staticmethod
-    def _params(cfg: DictConfig) -> dict:
-        own = set(NoiseConfig.__dataclass_fields__)
-        return {k: v for k, v in (to_container(cfg.get("noise")) or {}).items() if k not in own}
-
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
         from runner.evaluate import evaluate
 
         n = method_block(cfg, "noise", NoiseConfig)
-        params = self._params(cfg)
+        params = component_params(cfg, "noise", NoiseConfig)
         perturb = registry.get("noise_model", n.model)
         model, tokenizer = ctx.load_model("model")
         model.eval()

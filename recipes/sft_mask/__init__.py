@@ -20,8 +20,8 @@ from runner import registry
 from runner.config import (
     bounds,
     checked_blocks,
+    component_params,
     method_block,
-    to_container,
     unknown_keys,
 )
 from runner.data import build_dataset
@@ -65,7 +65,7 @@ class SFTMask(Recipe):
         if sel.name != "none" and sel.name not in registry.names("token_selector"):
             valid = ["none", *registry.names("token_selector")]
             return problems + [registry.unknown_name_message("token_selector", sel.name, valid, key="selector.name")]
-        params = self._selector_params(cfg)
+        params = component_params(cfg, "selector", SelectorConfig)
         if sel.name != "none":
             fn = registry.get("token_selector", sel.name)
             problems += registry.check_params(fn, params, key="selector", skip=2, runtime=selectors.RUNTIME_ARGS)
@@ -75,11 +75,6 @@ class SFTMask(Recipe):
         if (sel.name == "rho1") != (cfg.get("reference") is not None):
             problems.append("reference: selector rho1 needs a reference model (reference.path=...), and only rho1 uses one")
         return problems
-
-    @staticmethod
-    def _selector_params(cfg: DictConfig) -> dict:
-        own = set(SelectorConfig.__dataclass_fields__)
-        return {k: v for k, v in (to_container(cfg.get("selector")) or {}).items() if k not in own}
 
     @staticmethod
     def _check_selector_values(name: str, params: dict) -> list[str]:
@@ -109,7 +104,7 @@ class SFTMask(Recipe):
             reference, _ = ctx.load_model("reference")
             reference.eval().requires_grad_(False)
         selector = registry.get("token_selector", sel.name) if sel.name != "none" else None
-        params = self._selector_params(cfg)
+        params = component_params(cfg, "selector", SelectorConfig)
         objective = MaskedSFT(
             selector=selector, selector_params=params, norm=sel.norm, chunk_size=loss_cfg.chunk_size,
             reference=reference,
