@@ -33,8 +33,7 @@ from typing import List, Optional
 import torch
 from omegaconf import DictConfig
 
-from recipes.noise_eval import noise  # noqa: F401  (registers the noise models)
-from recipes.noise_eval.noise import ReadNoise
+from recipes.noise_eval.noise import ReadNoise  # importing the module registers the noise models
 from runner import registry
 from runner.config import bounds, checked_blocks, component_params, method_block
 from runner.recipe import Recipe, RecipeResult, RunContext
