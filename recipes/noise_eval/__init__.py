@@ -33,7 +33,8 @@ from typing import List, Optional
 import torch
 from omegaconf import DictConfig
 
-from recipes.noise_eval.noise import ReadNoise  # importing the module registers the noise models
+# importing the noise module registers the noise models
+from recipes.noise_eval.noise import ReadNoise
 from runner import registry
 from runner.config import bounds, checked_blocks, component_params, method_block
 from runner.recipe import Recipe, RecipeResult, RunContext
