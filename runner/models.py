@@ -30,6 +30,7 @@ DTYPES = {
 }
 DTYPE_CHOICES = ("auto", *DTYPES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _spec_get(spec: Any, name: str, default: Any = None) -> Any:
@@ -201,10 +202,22 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str | None = None) -> Path:
+def decoder_linears(model) -> list[tuple[str, torch.nn.Linear, int]]:
+    """(name, module, layer index) of every nn.Linear inside a decoder layer; lm_head is not one."""
+    found = []
+    for name, module in model.named_modules():
+        m = _LAYER.search(name + ".")
+        if isinstance(module, torch.nn.Linear) and m:
+            found.append((name, module, int(m.group(1))))
+    return found
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str | None = None,
+                    files: dict[str, str] | None = None) -> Path:
     """Write an HF model folder (config, safetensors, tokenizer, generation config) atomically.
 
-    `dtype` casts the saved weights once at the end (e.g. back to bfloat16 after fp32 work).
+    `dtype` casts the saved weights once at the end (e.g. back to bfloat16 after fp32 work);
+    `files` ({name: text}) are written into the folder too, before it appears.
     """
     out_dir = Path(out_dir)
     tmp = atomic_dir(out_dir)
@@ -214,6 +227,8 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: st
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         for f in tmp.iterdir():
             f.chmod(0o644)  # save_pretrained writes 0600 weights; checkpoints are meant to be shared
         commit_dir(tmp, out_dir)

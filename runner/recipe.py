@@ -24,6 +24,7 @@ class RecipeResult:
     model: Any = None  # the final model in memory (saves a reload for evaluation)
     tokenizer: Any = None
     metrics: dict[str, float] | None = None  # set when the recipe evaluated by itself (noise-eval)
+    stats: dict[str, float] = field(default_factory=dict)  # numbers about the result (bits), shown with the metrics
     train: TrainResult | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific results for results.json
 

@@ -264,6 +264,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             t = time.perf_counter()
             results["metrics"] = _evaluate_output(ctx, out)
             timings["eval_s"] = round(time.perf_counter() - t, 3)
+        if out.stats:
+            results["metrics"] = {**out.stats, **(results.get("metrics") or {})}
         results["status"] = "completed"
         if main_process:
             _print_summary(cfg, results)

@@ -8,13 +8,12 @@ import torch
 
 from recipes.noise_eval import (
     apply_noise,
-    decoder_linears,
     generator_for,
     noise,
     redundant_layers,
     restore,
 )
-from runner.models import load_model
+from runner.models import decoder_linears, load_model
 from runner.run import run
 from tests.conftest import problems_of
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-import re
 import statistics
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -37,10 +36,10 @@ from omegaconf import DictConfig
 from recipes.noise_eval.noise import ReadNoise
 from runner import registry
 from runner.config import bounds, checked_blocks, component_params, method_block
+from runner.models import decoder_linears
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import register
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # ranges of the models' own parameters: (low, high) inclusive
 PARAM_RANGES = {"sigma": (0.0, None), "p_fault": (0.0, 1.0), "sa1_share": (0.0, 1.0), "t_inference": (0.0, None),
                 "levels": (3, None)}
@@ -59,16 +58,6 @@ class NoiseConfig:
     redundancy_k: Optional[int] = field(default=None, metadata=bounds(1))  # layers in the range; default ceil(L/4)
     redundancy_r: int = field(default=2, metadata=bounds(1))  # noisy copies averaged
     save_trials: bool = False  # also write each noisy model as a checkpoint (trials/<param>=<value>/seed<s>)
-
-
-def decoder_linears(model) -> list[tuple[str, torch.nn.Linear, int]]:
-    """(name, module, layer index) of every nn.Linear inside a decoder layer; lm_head is not one."""
-    found = []
-    for name, module in model.named_modules():
-        m = _LAYER.search(name + ".")
-        if isinstance(module, torch.nn.Linear) and m:
-            found.append((name, module, int(m.group(1))))
-    return found
 
 
 def redundant_layers(where: str, n_layers: int, k: int | None) -> set[int]:
