@@ -1,0 +1,257 @@
+"""Weight-only post-training quantization of the decoder's linear layers (fake quant).
+
+Every ``nn.Linear`` inside a decoder layer (q/k/v/o/gate/up/down) is replaced, one module at a
+time, by its dequantized weight: computed in fp32 from the ``quant.method`` quantizer, cast back
+to the model dtype. Embeddings, norms and lm_head stay in full precision (so a tied lm_head is
+never touched). With ``quant.allocator`` (lieq, nsds, uniform) each decoder layer gets its own
+bits from ``quant.bit_choices`` under the parameter-weighted budget ``quant.avg_bits``. GPTQ runs
+layer by layer on calibration rows drawn from the ``data`` config.
+
+Writes the fake-quant model as a normal HF checkpoint with ``quant_meta.json`` (per module:
+method, bits, group size, sym, code bits, effective bits; per layer: bits and allocator score),
+and with ``quant.export=compressed_tensors`` a real packed checkpoint in ``packed/``.
+
+    python -m runner recipe=rtn_quantize
+    python -m runner recipe=lieq_quantize quant.avg_bits=2.5
+    python -m runner -m recipe=gptq_quantize quant.bits=2,3,4,8
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig
+
+# importing these modules registers the quantizers and the bit allocators
+from recipes.quantize import allocators, quantizers  # noqa: F401
+from recipes.quantize.calibration import calibration_rows, quantize_sequentially
+from runner import registry
+from runner.config import bounds, checked_blocks, component_params, method_block
+from runner.models import decoder_linears
+from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.registry import register
+
+# keys the recipe passes to a quantizer itself, never from the config's extra keys
+RUNTIME = ("hessian", "grid", "sym")
+
+
+@dataclass
+class QuantConfig:
+    """The recipe's own `quant` keys; other keys in the block go to the quantizer (mse_clip, damp, ...)."""
+
+    method: str = "rtn"  # registered quantizer: rtn | hqq | gptq | ptqtp
+    bits: int = field(default=4, metadata=bounds(1, 8))  # code bits (every layer, unless an allocator sets them)
+    group_size: int = 128  # columns per scale along the input dim; -1: one group per row (per-channel)
+    sym: bool = False  # symmetric integer grid (compressed-tensors presets); asymmetric is better at 2-3 bits
+    targets: List[str] = field(default_factory=list)  # regexes of module names to quantize; empty: all decoder linears
+    ignore: List[str] = field(default_factory=list)  # regexes of module names kept in full precision
+    allocator: Optional[str] = None  # bit allocator: uniform | lieq | nsds; null: every layer at `bits`
+    avg_bits: Optional[float] = None  # the allocator's budget: parameter-weighted mean code bits
+    bit_choices: List[int] = field(default_factory=lambda: [2, 3, 4])
+    allocator_params: Dict[str, Any] = field(default_factory=dict)  # e.g. {metric: energy} for lieq
+    calib_samples: int = field(default=128, metadata=bounds(1))  # GPTQ calibration rows ...
+    calib_seqlen: int = field(default=512, metadata=bounds(8))  # ... of this many tokens, from `data`
+    calib_batch_size: int = field(default=16, metadata=bounds(1))
+    export: str = field(default="none", metadata=bounds(choices=("none", "compressed_tensors")))
+
+
+def _bad_regex(patterns: list[str], key: str) -> list[str]:
+    problems = []
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            problems.append(f"{key}: {p!r} is not a valid regular expression ({exc})")
+    return problems
+
+
+def select_targets(model, q) -> list[tuple[str, torch.nn.Linear, int]]:
+    """The decoder linears named by `quant.targets` (all when empty) and not by `quant.ignore`,
+    never one that shares its weight with a module left out (a tied embedding)."""
+    found = decoder_linears(model)
+    chosen = [t for t in found
+              if (not q.targets or any(re.search(p, t[0]) for p in q.targets))
+              and not any(re.search(p, t[0]) for p in q.ignore)]
+    chosen_ptrs = {m.weight.data_ptr() for _, m, _ in chosen}
+    others = {p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
+              if p.data_ptr() in chosen_ptrs and not any(n == f"{name}.weight" for name, _, _ in chosen)}
+    return [t for t in chosen if t[1].weight.data_ptr() not in others]
+
+
+def group_size_for(group_size: int, in_features: int) -> int:
+    """The configured group size, or -1 (per-channel) when it does not divide the input dim."""
+    return group_size if group_size != -1 and in_features % group_size == 0 else -1
+
+
+@register("recipe", "quantize")
+class Quantize(Recipe):
+    roles = ("model",)
+    blocks = ("quant",)
+    uses_data = True  # GPTQ calibration rows
+    baseline_role = "model"
+
+    def validate(self, cfg: DictConfig) -> list[str]:
+        blocks, problems = checked_blocks(cfg, ("quant", QuantConfig))
+        if not blocks:
+            return problems
+        (q,) = blocks
+        if q.method not in registry.names("quantizer"):
+            return problems + [registry.unknown_name_message("quantizer", q.method, registry.names("quantizer"),
+                                                             key="quant.method")]
+        fn = registry.get("quantizer", q.method)
+        problems += registry.check_params(fn, component_params(cfg, "quant", QuantConfig), key="quant", skip=3,
+                                          runtime=RUNTIME)
+        if q.group_size == 0 or q.group_size < -1:
+            problems.append(f"quant.group_size: {q.group_size} is not allowed; give a positive number of columns "
+                            "(e.g. 128) or -1 for per-channel")
+        if q.sym and "sym" not in _params_of(fn):
+            problems.append(f"quant.sym: quantizer {q.method!r} has no symmetric grid; set quant.sym=false")
+        problems += _bad_regex(list(q.targets), "quant.targets") + _bad_regex(list(q.ignore), "quant.ignore")
+        if q.allocator is not None:
+            problems += self._check_allocator(q)
+        elif q.avg_bits is not None:
+            problems.append("quant.avg_bits: set, but no quant.allocator distributes it; "
+                            "set quant.allocator=lieq|nsds|uniform or remove avg_bits")
+        if q.export == "compressed_tensors":
+            from recipes.quantize.export import available
+
+            if q.method not in quantizers.PACKABLE:
+                problems.append(f"quant.export: compressed_tensors stores integer grids ({', '.join(sorted(quantizers.PACKABLE))}); "
+                                f"{q.method!r} cannot be packed exactly; use quant.export=none")
+            elif not available():
+                problems.append("quant.export: compressed_tensors needs the compressed-tensors package; "
+                                "pip install -e '.[quant]'")
+        return problems
+
+    @staticmethod
+    def _check_allocator(q) -> list[str]:
+        names = registry.names("bit_allocator")
+        if q.allocator not in names:
+            return [registry.unknown_name_message("bit_allocator", q.allocator, names, key="quant.allocator")]
+        problems = registry.check_params(registry.get("bit_allocator", q.allocator), dict(q.allocator_params),
+                                         key="quant.allocator_params", skip=3)
+        if q.method in quantizers.FIXED_CODE:
+            problems.append(f"quant.allocator: quantizer {q.method!r} has a fixed code size; it cannot take per-layer bits")
+        choices = list(q.bit_choices)
+        bad = [b for b in choices if not 1 <= b <= 8]
+        if not choices or bad:
+            problems.append(f"quant.bit_choices: {choices} must be a non-empty list of bits in 1..8")
+        elif q.avg_bits is None:
+            problems.append(f"quant.avg_bits: the allocator needs a budget in [{min(choices)}, {max(choices)}] "
+                            "(mean code bits per weight)")
+        elif not min(choices) <= q.avg_bits <= max(choices):
+            problems.append(f"quant.avg_bits: {q.avg_bits} is outside the bit choices' range "
+                            f"[{min(choices)}, {max(choices)}]")
+        return problems
+
+    def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
+        q = method_block(cfg, "quant", QuantConfig)
+        params = component_params(cfg, "quant", QuantConfig)
+        quantize = registry.get("quantizer", q.method)
+        model, tokenizer = ctx.load_model("model")
+        model.eval()
+        targets = select_targets(model, q)
+        if not targets:
+            raise ValueError("quant.targets/quant.ignore: no decoder linear layer is left to quantize")
+        layer_bits, scores = self._allocate(q, targets, ctx)
+        accepts_sym = "sym" in _params_of(quantize)
+        meta, grids = {}, {}
+
+        def quantize_module(name: str, module: torch.nn.Linear, layer: int, hessian=None) -> None:
+            bits = layer_bits.get(layer, q.bits)
+            g = group_size_for(q.group_size, module.in_features)
+            kwargs = dict(params)
+            if accepts_sym:
+                kwargs["sym"] = q.sym
+            if hessian is not None:
+                kwargs["hessian"] = hessian
+            grid = {} if q.export != "none" else None
+            if grid is not None:
+                kwargs["grid"] = grid
+            w = quantize(module.weight.detach().float().cpu(), bits, g, **kwargs)
+            module.weight.data.copy_(w.to(module.weight.dtype))
+            if grid is not None:
+                grids[name] = grid
+            meta[name] = {"layer": layer, "method": q.method,
+                          "bits": None if q.method in quantizers.FIXED_CODE else bits, "group_size": g, "sym": q.sym,
+                          "params": module.weight.numel(),
+                          **quantizers.bit_accounting(q.method, bits, g, module.in_features, q.sym)}
+
+        if q.method == "gptq":
+            rows = calibration_rows(cfg.data, tokenizer, q.calib_samples, q.calib_seqlen, cfg.seed)
+            ctx.log.info("gptq: %d calibration rows of %d tokens from data.source=%s", len(rows), rows.shape[1],
+                         cfg.data.source)
+            by_layer: dict[int, list] = {}
+            for name, module, layer in targets:
+                by_layer.setdefault(layer, []).append((name, module))
+            modules = {name: (module, layer) for name, module, layer in targets}
+
+            def quantize_layer(i: int, hessians: dict) -> None:
+                for name, h in hessians.items():
+                    quantize_module(name, modules[name][0], i, hessian=h)
+
+            quantize_sequentially(model, rows, q.calib_batch_size, by_layer, quantize_layer)
+        else:
+            for name, module, layer in targets:
+                quantize_module(name, module, layer)
+
+        summary = summarize(meta, layer_bits, scores)
+        ctx.log.info("quantized %d modules with %s: %.3f code bits, %.3f effective bits per weight",
+                     len(meta), q.method, summary["code_bits"], summary["effective_bits"])
+        result = RecipeResult(model=model, tokenizer=tokenizer, extra={"quant": summary},
+            stats={"quant/code_bits": summary["code_bits"], "quant/effective_bits": summary["effective_bits"]})
+        if cfg.save_checkpoint:
+            result.checkpoint = ctx.save(model, tokenizer, dtype=cfg.model.dtype,
+                                         files={"quant_meta.json": json.dumps(summary, indent=2)})
+        if q.export == "compressed_tensors" and ctx.is_main_process:
+            from recipes.quantize.export import export_packed
+
+            path = export_packed(model, tokenizer, grids, meta, ctx.run_dir / "packed")
+            result.extra["quant"]["packed"] = str(path)
+            ctx.log.info("packed compressed-tensors checkpoint in %s", path)
+        return result
+
+    @staticmethod
+    def _allocate(q, targets, ctx) -> tuple[dict[int, int], dict[int, float]]:
+        if q.allocator is None:
+            return {}, {}
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for name, module, layer in targets:
+            short = re.sub(r"^.*?layers\.\d+\.", "", name)
+            layers.setdefault(layer, {})[short] = module.weight.detach().float().cpu()
+        allocate = registry.get("bit_allocator", q.allocator)
+        allocation = allocate(layers, q.avg_bits, list(q.bit_choices), **dict(q.allocator_params))
+        ctx.log.info("%s allocation under %.3f bits: %s", q.allocator, q.avg_bits,
+                     ", ".join(f"L{i}={b} (score {allocation.scores.get(i, 0):.3f})" for i, b in sorted(allocation.items())))
+        return dict(allocation), dict(allocation.scores)
+
+
+def _params_of(fn) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+def summarize(meta: dict[str, dict], layer_bits: dict[int, int], scores: dict[int, float]) -> dict:
+    """quant_meta.json: per module settings and bits, per layer bits and scores, parameter-weighted means."""
+    total = sum(m["params"] for m in meta.values())
+    layers = sorted({m["layer"] for m in meta.values()})
+    per_layer = {}
+    for i in layers:
+        mods = [m for m in meta.values() if m["layer"] == i]
+        n = sum(m["params"] for m in mods)
+        per_layer[str(i)] = {"bits": layer_bits.get(i, mods[0]["bits"]), "score": scores.get(i),
+                             "effective_bits": sum(m["effective_bits"] * m["params"] for m in mods) / n}
+    return {
+        "code_bits": sum(m["code_bits"] * m["params"] for m in meta.values()) / total,
+        "effective_bits": sum(m["effective_bits"] * m["params"] for m in meta.values()) / total,
+        "quantized_params": total,
+        "layers": per_layer,
+        "modules": meta,
+        "note": "code bits: b per weight (PTQTP: log2 9); effective bits add the scale/zero storage per group",
+    }
+
