@@ -10,7 +10,7 @@ PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-fast run zoo zoo-eval mi-sweep distill-sweep noise-curves bench clean-outputs
+.PHONY: setup test test-fast run zoo zoo-eval mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,27 @@ noise-curves:  ## accuracy vs programming noise: Instruct vs Thinking, and layer
 	$(BIN)/python -m runner.report $(NOISE_DIR)/thinking --curves --metrics 'toy_arith*/exact_match'
 	$(BIN)/python -m runner -m recipe=noise_redundancy noise.redundancy=none,shallow,deep hydra.sweep.dir=$(NOISE_DIR)/redundancy
 	$(BIN)/python -m runner.report $(NOISE_DIR)/redundancy --curves --metrics 'toy_arith*/exact_match'
+
+QUANT_DIR ?= outputs/quant_sweep/$(STAMP)
+QUANT_BITS ?= 2,3,4,8
+QUANT_METRICS ?= quant/effective_bits,toy_arith*/exact_match,toy_arith_mc/acc,toy_ppl/bits_per_byte
+quant-sweep:  ## RTN and GPTQ at 2/3/4/8 bits plus PTQTP on toy-instruct: table and plot against effective bits
+	$(BIN)/python -m runner -m recipe=quantize quant.method=rtn,gptq "quant.bits=$(QUANT_BITS)" hydra.sweep.dir=$(QUANT_DIR)/bits
+	$(BIN)/python -m runner -m recipe=ptqtp_quantize hydra.sweep.dir=$(QUANT_DIR)/ptqtp
+	$(BIN)/python -m runner.report $(QUANT_DIR)/bits $(QUANT_DIR)/ptqtp --out $(QUANT_DIR) \
+		--x quant/effective_bits --by quant.method --metrics '$(QUANT_METRICS)'
+
+LIEQ_DIR ?= outputs/lieq_experiment/$(STAMP)
+lieq-experiment:  ## one layer gets a third bit: uniform 2-bit vs LieQ vs NSDS vs every manual choice, same budget
+	$(BIN)/python -m runner -m recipe=quantize model.path=toy-instruct quant.avg_bits=2.5 quant.allocator=uniform,lieq,nsds \
+		hydra.sweep.dir=$(LIEQ_DIR)/instruct
+	$(BIN)/python -m runner -m recipe=quantize model.path=toy-instruct quant.avg_bits=2.5 quant.allocator=manual \
+		"+quant.allocator_params.bits={0:3},{1:3}" hydra.sweep.dir=$(LIEQ_DIR)/instruct-manual
+	$(BIN)/python -m runner -m recipe=quantize model.path=toy-teacher quant.avg_bits=2.25 quant.allocator=uniform,lieq,nsds \
+		hydra.sweep.dir=$(LIEQ_DIR)/teacher
+	$(BIN)/python -m runner -m recipe=quantize model.path=toy-teacher quant.avg_bits=2.25 quant.allocator=manual \
+		"+quant.allocator_params.bits={0:3},{1:3},{2:3},{3:3}" hydra.sweep.dir=$(LIEQ_DIR)/teacher-manual
+	$(BIN)/python -m runner.report $(LIEQ_DIR) --metrics '$(QUANT_METRICS),quant/code_bits'
 
 bench:  ## benchmarks against peers (TRL from the bench extra), printed as ratios
 	$(BIN)/pip install -q -e ".[bench]"

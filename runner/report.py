@@ -4,12 +4,14 @@ Every ``results.json`` below the given folders becomes a row: the run's folder, 
 overrides (from ``.hydra/overrides.yaml``), its status and its metrics, with the change against the
 run's own baseline (the input model) where one was evaluated. Failed runs are listed as failed, never
 dropped. The table is printed and written as ``report.csv`` and ``report.md`` beside the runs.
-With ``--x KEY`` (a numeric config key such as ``merge.lam``) each metric is also plotted against
-that key, one line per setting of the other overrides, into ``report.png``.
+With ``--x KEY`` (a numeric config key such as ``merge.lam``, or a metric such as
+``quant/effective_bits``) each metric is also plotted against it, one line per setting of the other
+overrides (or per value of the config key ``--by``), into ``report.png``.
 
     python -m runner.report outputs/multirun/2026-11-22/12-30-00-000000
     python -m runner.report outputs/multirun/... --metrics 'toy_arith*/exact_match,*/bits_per_byte'
     python -m runner.report outputs/mi_sweep/... --x merge.lam --metrics '*/exact_match,*/think_rate'
+    python -m runner.report outputs/quant_sweep/... --x quant/effective_bits --by quant.method
 """
 
 from __future__ import annotations
@@ -97,13 +99,21 @@ def write(header: list[str], table: list[list[str]], out_dir: Path) -> tuple[Pat
     return csv_path, md_path
 
 
-def x_value(run: dict, key: str) -> float | None:
-    """The run's value of the dotted config key `key` as a number, or None."""
+def config_value(run: dict, key: str):
+    """The run's value of the dotted config key `key`, or None."""
     node = run.get("config") or {}
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
+    return node
+
+
+def x_value(run: dict, key: str) -> float | None:
+    """The run's value of `key` as a number: a dotted config key, else a metric (quant/effective_bits)."""
+    node = config_value(run, key)
+    if node is None:
+        node = (run.get("metrics") or {}).get(key)
     if isinstance(node, bool):
         return None
     try:
@@ -112,14 +122,18 @@ def x_value(run: dict, key: str) -> float | None:
         return None
 
 
-def series(runs: list[dict], key: str) -> dict[str, list[tuple[float, dict]]]:
-    """Completed runs with a numeric `key`, grouped by their other overrides, sorted by the key."""
+def series(runs: list[dict], key: str, by: str | None = None) -> dict[str, list[tuple[float, dict]]]:
+    """Completed runs with a numeric `key`, sorted by it, one group per value of the config key `by`
+    (default: per setting of the other overrides)."""
     groups: dict[str, list[tuple[float, dict]]] = {}
     for r in runs:
         x = x_value(r, key)
         if r.get("status") != "completed" or x is None:
             continue
-        label = " ".join(o for o in r["_overrides"] if o.split("=", 1)[0].lstrip("+~") != key) or "runs"
+        if by:
+            label = f"{by}={config_value(r, by)}"
+        else:
+            label = " ".join(o for o in r["_overrides"] if o.split("=", 1)[0].lstrip("+~") != key) or "runs"
         groups.setdefault(label, []).append((x, r.get("metrics") or {}))
     return {label: sorted(points, key=lambda p: p[0]) for label, points in groups.items()}
 
@@ -197,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, sweep folders, or folders above them")
     parser.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated glob patterns ({DEFAULT_METRICS})")
-    parser.add_argument("--x", default=None, metavar="KEY", help="plot the metrics against this numeric config key")
+    parser.add_argument("--x", default=None, metavar="KEY",
+                        help="plot the metrics against this numeric config key or metric (e.g. quant/effective_bits)")
+    parser.add_argument("--by", default=None, metavar="KEY",
+                        help="with --x: one line per value of this config key (default: per setting of the other overrides)")
     parser.add_argument("--curves", action="store_true",
                         help="noise-eval runs: tabulate and plot each run's curve (mean ± std per value)")
     parser.add_argument("--out", type=Path, default=None, help="where report.csv/report.md go (default: first path)")
@@ -213,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.curves:
         return _report_curves(runs, args)
     metrics = select_metrics(runs, args.metrics)
-    groups = series(runs, args.x) if args.x else {}
+    groups = series(runs, args.x, args.by) if args.x else {}
     if args.x and not groups:
-        print(f"error: --x {args.x}: no completed run has a numeric value for this config key", file=sys.stderr)
+        print(f"error: --x {args.x}: no completed run has a numeric value for this config key or metric", file=sys.stderr)
         return 2
     header, table = rows(runs, metrics)
 
@@ -232,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(shown)
     csv_path, md_path = write(header, table, args.out or args.paths[0])
     console.print(f"wrote {csv_path} and {md_path}")
-    if groups and metrics:
-        console.print(f"wrote {plot(groups, metrics, args.x, (args.out or args.paths[0]) / 'report.png')}")
+    plotted = [m for m in metrics if m != args.x]  # a metric on the x axis is not also a panel
+    if groups and plotted:
+        console.print(f"wrote {plot(groups, plotted, args.x, (args.out or args.paths[0]) / 'report.png')}")
     return 0
 
 

@@ -200,6 +200,14 @@ def test_uniform_allocator_and_budget_errors():
         A.nsds(layers, 4.5, [2, 3, 4])
 
 
+def test_manual_allocator_checks_layers_choices_and_budget():
+    layers = random_layers(4)
+    assert A.manual(layers, 2.25, [2, 3, 4], bits={"2": 3}) == {0: 2, 1: 2, 2: 3, 3: 2}
+    for bits, message in [({7: 3}, "layers must be among"), ({1: 5}, "bits among"), ({0: 3, 1: 3}, "over avg_bits")]:
+        with pytest.raises(ValueError, match=message):
+            A.manual(layers, 2.25, [2, 3, 4], bits=bits)
+
+
 def sensitive_layers(n=6, special=3, seed=0):
     """Random layers, except `special`: a low-rank spectrum with heavy-tailed entries."""
     layers = random_layers(n, seed)

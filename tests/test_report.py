@@ -66,3 +66,17 @@ def test_plot_against_a_config_key(tmp_path, capsys):
     assert main([str(tmp_path), "--x", "name"]) == 2  # not numeric
     assert main([str(tmp_path), "--x", "merge.nope"]) == 2
     assert "no completed run has a numeric value" in capsys.readouterr().err
+
+
+def test_series_against_a_metric_one_line_per_config_value(tmp_path):
+    from runner.report import collect, series
+
+    for i, (method, bits, eff, acc) in enumerate([("rtn", 4, 4.6, 0.9), ("rtn", 2, 2.6, 0.4), ("gptq", 2, 2.6, 0.8),
+                                                   ("ptqtp", 4, 4.2, 0.7)]):
+        fake_run(tmp_path / f"{i}-q", [f"quant.method={method}", f"quant.bits={bits}"], "completed",
+                 {"quant/effective_bits": eff, "t/exact_match": acc}, config={"quant": {"method": method, "bits": bits}})
+    groups = series(collect([tmp_path]), "quant/effective_bits", by="quant.method")
+    assert {label: [(x, m["t/exact_match"]) for x, m in points] for label, points in groups.items()} == {
+        "quant.method=rtn": [(2.6, 0.4), (4.6, 0.9)], "quant.method=gptq": [(2.6, 0.8)], "quant.method=ptqtp": [(4.2, 0.7)]}
+    assert main([str(tmp_path), "--x", "quant/effective_bits", "--by", "quant.method"]) == 0
+    assert (tmp_path / "report.png").is_file()

@@ -226,7 +226,7 @@ class Quantize(Recipe):
         allocate = registry.get("bit_allocator", q.allocator)
         allocation = allocate(layers, q.avg_bits, list(q.bit_choices), **dict(q.allocator_params))
         ctx.log.info("%s allocation under %.3f bits: %s", q.allocator, q.avg_bits,
-                     ", ".join(f"L{i}={b} (score {allocation.scores.get(i, 0):.3f})" for i, b in sorted(allocation.items())))
+                     ", ".join(f"L{i}={b} (score {allocation.scores.get(i, 0):.4g})" for i, b in sorted(allocation.items())))
         return dict(allocation), dict(allocation.scores)
 
 

@@ -73,6 +73,21 @@ def uniform(layers, avg_bits: float, choices) -> Allocation:
     return Allocation({layer: bits for layer in layers}, {layer: 0.0 for layer in layers})
 
 
+@register("bit_allocator", "manual")
+def manual(layers, avg_bits: float, choices, *, bits: dict) -> Allocation:
+    """Bits given per layer (``bits: {layer: b}``, the rest at the lowest choice): for ablations,
+    e.g. which single layer is worth a third bit. Still held to the budget and the choices."""
+    check_budget(avg_bits, choices)
+    given = {int(k): int(v) for k, v in bits.items()}
+    unknown = sorted(set(given) - set(layers))
+    if unknown or any(b not in choices for b in given.values()):
+        raise ValueError(f"manual bits {given}: layers must be among {sorted(layers)} and bits among {sorted(choices)}")
+    chosen = {layer: given.get(layer, min(choices)) for layer in layers}
+    if mean_bits(chosen, layer_sizes(layers)) > avg_bits + 1e-9:
+        raise ValueError(f"manual bits {given} average {mean_bits(chosen, layer_sizes(layers)):.3f}, over avg_bits {avg_bits}")
+    return Allocation(chosen, {layer: float(b) for layer, b in chosen.items()})
+
+
 # --- LieQ: geometry-driven layer sensitivity [R] -------------------------------------------------
 
 
