@@ -369,3 +369,18 @@ def test_named_quantize_recipes_are_valid(compose, recipe):
     from runner.run import validate
 
     assert type(validate(compose([f"recipe={recipe}"]))).__name__ == "Quantize"
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_rtn_grid_matches_compressed_tensors(sym, bits):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(bits))
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=16)
+    groups = Q.groups_of(w, 16)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    theirs = fake_quantize(w, scale, torch.round(zero), args)
+    assert torch.allclose(Q.rtn(w, bits, 16, sym=sym), theirs, atol=1e-6)
