@@ -1,6 +1,7 @@
 """Quantizers, bit allocators, the quantize recipe and its packed export."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -361,6 +362,13 @@ def test_bad_config_writes_no_checkpoint(compose, tiny_llama, tmp_path):
     with pytest.raises(ConfigError):
         quant_run(compose, tiny_llama, tmp_path, "quant.bits=12")
     assert not (tmp_path / "run" / "checkpoint").exists()
+    # errors that need the model's layers are caught before anything is quantized or written
+    for overrides, message in [(["quant.targets=[nothing]"], "no decoder linear layer"),
+                               (["quant.allocator=manual", "quant.avg_bits=2.5", "+quant.allocator_params.bits={5:3}"],
+                                "quant.allocator_params: manual bits {5: 3}: layers must be among [0, 1]")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            quant_run(compose, tiny_llama, tmp_path, *overrides, name="late")
+        assert not (tmp_path / "late" / "checkpoint").exists()
 
 
 @pytest.mark.parametrize("recipe", ["quantize", "rtn_quantize", "rtn2_quantize", "gptq_quantize", "hqq_quantize",

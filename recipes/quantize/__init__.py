@@ -31,6 +31,7 @@ from recipes.quantize import allocators, quantizers  # noqa: F401
 from recipes.quantize.calibration import calibration_rows, quantize_sequentially
 from runner import registry
 from runner.config import bounds, checked_blocks, component_params, method_block
+from runner.errors import ConfigError
 from runner.models import decoder_linears
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import register
@@ -156,7 +157,7 @@ class Quantize(Recipe):
         model.eval()
         targets = select_targets(model, q)
         if not targets:
-            raise ValueError("quant.targets/quant.ignore: no decoder linear layer is left to quantize")
+            raise ConfigError("quant.targets/quant.ignore: no decoder linear layer of the model is left to quantize")
         layer_bits, scores = self._allocate(q, targets, ctx)
         accepts_sym = "sym" in _params_of(quantize)
         meta, grids = {}, {}
@@ -200,6 +201,10 @@ class Quantize(Recipe):
                 quantize_module(name, module, layer)
 
         summary = summarize(meta, layer_bits, scores)
+        per_channel = [n for n, m in meta.items() if m["group_size"] == -1]
+        if q.group_size != -1 and per_channel:
+            ctx.log.warning("quant.group_size=%d does not divide the input width of %d modules; they use one group "
+                            "per row (per-channel), e.g. %s", q.group_size, len(per_channel), per_channel[0])
         ctx.log.info("quantized %d modules with %s: %.3f code bits, %.3f effective bits per weight",
                      len(meta), q.method, summary["code_bits"], summary["effective_bits"])
         result = RecipeResult(model=model, tokenizer=tokenizer, extra={"quant": summary},
@@ -224,7 +229,10 @@ class Quantize(Recipe):
             short = re.sub(r"^.*?layers\.\d+\.", "", name)
             layers.setdefault(layer, {})[short] = module.weight.detach().float().cpu()
         allocate = registry.get("bit_allocator", q.allocator)
-        allocation = allocate(layers, q.avg_bits, list(q.bit_choices), **dict(q.allocator_params))
+        try:
+            allocation = allocate(layers, q.avg_bits, list(q.bit_choices), **dict(q.allocator_params))
+        except ValueError as exc:  # e.g. manual bits for layers the model does not have
+            raise ConfigError(f"quant.allocator_params: {exc}") from exc
         ctx.log.info("%s allocation under %.3f bits: %s", q.allocator, q.avg_bits,
                      ", ".join(f"L{i}={b} (score {allocation.scores.get(i, 0):.4g})" for i, b in sorted(allocation.items())))
         return dict(allocation), dict(allocation.scores)
