@@ -45,6 +45,10 @@ class Recipe:
         """The role `eval.baseline=true` evaluates for this config (override when it depends on it)."""
         return self.baseline_role
 
+    def writes_checkpoint(self, cfg: DictConfig) -> bool:
+        """Whether this config leaves a checkpoint a later pipeline step can take (override when not)."""
+        return bool(cfg.save_checkpoint)
+
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
         raise NotImplementedError
 
