@@ -4,4 +4,4 @@
 `runner.registry`.
 """
 
-from recipes import distill, merge, noise_eval, sft, sft_mask, shadow_ft  # noqa: F401
+from recipes import distill, merge, noise_eval, pipeline, sft, sft_mask, shadow_ft  # noqa: F401
