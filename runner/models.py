@@ -201,17 +201,21 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str | None = None) -> Path:
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str | None = None,
+                    state_dict: dict | None = None) -> Path:
     """Write an HF model folder (config, safetensors, tokenizer, generation config) atomically.
 
     `dtype` casts the saved weights once at the end (e.g. back to bfloat16 after fp32 work).
+    `state_dict` replaces the model's own weights (the full weights gathered from a sharded model).
     """
     out_dir = Path(out_dir)
     tmp = atomic_dir(out_dir)
     try:
         if dtype not in (None, "auto"):
             model = model.to(DTYPES[dtype])
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            if state_dict is not None:
+                state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():

@@ -85,8 +85,10 @@ class RunContext:
         from runner.models import save_checkpoint
 
         path = self.run_dir / name
+        # every process takes part: under FSDP, gathering the full weights onto the main process is a collective
+        state_dict = self.accelerator.get_state_dict(model)
         if self.is_main_process:
-            save_checkpoint(self.accelerator.unwrap_model(model), tokenizer, path, **kwargs)
+            save_checkpoint(self.accelerator.unwrap_model(model), tokenizer, path, state_dict=state_dict, **kwargs)
             self.log.info("saved checkpoint to %s", path)
         self.accelerator.wait_for_everyone()
         return path

@@ -327,10 +327,17 @@ def _evaluate_role(ctx: RunContext, role: str) -> dict[str, float]:
 
 
 def _evaluate_output(ctx: RunContext, out: RecipeResult) -> dict[str, float]:
+    from accelerate.utils import DistributedType
+
     from runner.evaluate import evaluate
     from runner.models import load_model
 
-    if out.model is not None:
+    # an FSDP-sharded model cannot run on the main process alone: evaluate its gathered checkpoint
+    sharded = ctx.accelerator.distributed_type == DistributedType.FSDP
+    if sharded and out.checkpoint is None:
+        log.warning("not evaluated: under FSDP the result is evaluated from its checkpoint; save_checkpoint=false wrote none")
+        return {}
+    if out.model is not None and not sharded:
         model, tokenizer = ctx.accelerator.unwrap_model(out.model), out.tokenizer
     else:
         model, tokenizer = load_model({"path": str(out.checkpoint)}, device=ctx.accelerator.device)
