@@ -30,11 +30,17 @@ def launch(config, tmp_path, tiny_llama, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_fsdp_on_cpu_stops_instead_of_silently_running_ddp(tmp_path, tiny_llama):
-    # accelerate would run the FSDP config on CPU as plain DDP (MULTI_CPU); the runner says so and stops
-    proc = launch(REPO / "conf" / "accelerate" / "fsdp.yaml", tmp_path, tiny_llama)
+@pytest.mark.parametrize("version", [2, 1])
+def test_fsdp_on_cpu_stops_with_one_clear_error(tmp_path, tiny_llama, version):
+    # without the runner's check, accelerate runs fsdp_version 2 on CPU as plain DDP (MULTI_CPU) and
+    # fails on fsdp_version 1 with "There are currently no available devices found"
+    config = tmp_path / "fsdp.yaml"
+    text = (REPO / "conf" / "accelerate" / "fsdp.yaml").read_text()
+    config.write_text(text.replace("fsdp_version: 2", f"fsdp_version: {version}"))
+    proc = launch(config, tmp_path, tiny_llama)
     assert proc.returncode != 0
-    assert "FSDP was asked for, but accelerate runs MULTI_CPU here" in proc.stderr
+    assert "error: invalid config: accelerate config: FSDP was asked for, but this run is on the CPU" in proc.stderr
+    assert "no available devices found" not in proc.stderr  # accelerate's own FSDP1 failure never comes
     run_dir = next((tmp_path / "runs").glob("*/*-sft"))
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "failed" and "conf/accelerate/cpu_ddp.yaml" in results["error"]
