@@ -102,6 +102,7 @@ def test_steps_feed_checkpoints_and_completed_steps_are_reused(compose, tiny_lla
 
 @pytest.mark.parametrize("change, expected", [
     (lambda p: p["steps"][0].update(recipe="sfft"), "pipeline.steps[0].recipe: unknown recipe 'sfft'. Did you mean 'sft'?"),
+    (lambda p: p["steps"][0].update(recipe=["sft"]), "pipeline.steps[0].recipe: unknown recipe ['sft']"),
     (lambda p: p["steps"][1].update(feed="student"),
      "pipeline.steps[1].feed: 'student' is not a model role of recipe 'memristor_noise' (kind noise_eval). It takes: model"),
     (lambda p: p["steps"][1].update(feed=None), "pipeline.steps[1].feed: missing"),

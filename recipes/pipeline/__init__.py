@@ -121,8 +121,8 @@ def _plan_step(i: int, raw: Any, shared: list[str], cfg: DictConfig) -> tuple[St
     names = recipe_names()
     if not recipe:
         problems.append(f"{key}.recipe: missing; name a recipe in conf/recipe ({', '.join(names)})")
-    elif recipe not in names:
-        problems.append(f"{key}.recipe: unknown recipe {recipe!r}.{did_you_mean(recipe, names)} "
+    elif not isinstance(recipe, str) or recipe not in names:
+        problems.append(f"{key}.recipe: unknown recipe {recipe!r}.{did_you_mean(str(recipe), names)} "
                         f"Named recipes (conf/recipe): {', '.join(names)}")
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         problems.append(f"{key}.overrides: {overrides!r} is not a list of override strings like ['train.steps=100']")
