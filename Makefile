@@ -18,7 +18,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python  ## create .venv and install the runner with its dev tools (CPU torch)
 	$(BIN)/pip install $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev,tensorboard,joblib,quant]"
+	$(BIN)/pip install -e ".[dev,tensorboard,joblib,slurm,quant]"
 
 test:  ## the whole test suite (offline)
 	$(BIN)/python -m pytest -q tests

@@ -4,4 +4,13 @@
 `runner.registry`.
 """
 
-from recipes import distill, merge, noise_eval, quantize, sft, sft_mask, shadow_ft  # noqa: F401
+from recipes import (  # noqa: F401
+    distill,
+    merge,
+    noise_eval,
+    pipeline,
+    quantize,
+    sft,
+    sft_mask,
+    shadow_ft,
+)

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from runner.errors import ConfigError
 
 ROLES = ("model", "teacher", "student", "base", "instruct", "thinking", "tuned_base", "reference")
-METHOD_BLOCKS = ("loss", "selector", "graft", "merge", "quant", "noise", "onpolicy", "lora")
+METHOD_BLOCKS = ("loss", "selector", "graft", "merge", "quant", "noise", "onpolicy", "lora", "pipeline")
 
 
 def bounds(lo=None, hi=None, *, lo_open=False, choices=None) -> dict:
@@ -142,6 +142,7 @@ class RunConfig:
     noise: Dict[str, Any] = field(default_factory=dict)
     onpolicy: Dict[str, Any] = field(default_factory=dict)
     lora: Dict[str, Any] = field(default_factory=dict)
+    pipeline: Dict[str, Any] = field(default_factory=dict)  # steps of kind=pipeline (recipes/pipeline)
 
 
 def register_configs() -> None:

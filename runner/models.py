@@ -213,10 +213,11 @@ def decoder_linears(model) -> list[tuple[str, torch.nn.Linear, int]]:
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str | None = None,
-                    files: dict[str, str] | None = None) -> Path:
+                    state_dict: dict | None = None, files: dict[str, str] | None = None) -> Path:
     """Write an HF model folder (config, safetensors, tokenizer, generation config) atomically.
 
-    `dtype` casts the saved weights once at the end (e.g. back to bfloat16 after fp32 work);
+    `dtype` casts the saved weights once at the end (e.g. back to bfloat16 after fp32 work).
+    `state_dict` replaces the model's own weights (the full weights gathered from a sharded model).
     `files` ({name: text}) are written into the folder too, before it appears.
     """
     out_dir = Path(out_dir)
@@ -224,7 +225,9 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: st
     try:
         if dtype not in (None, "auto"):
             model = model.to(DTYPES[dtype])
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            if state_dict is not None:
+                state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (files or {}).items():

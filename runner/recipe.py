@@ -46,6 +46,10 @@ class Recipe:
         """The role `eval.baseline=true` evaluates for this config (override when it depends on it)."""
         return self.baseline_role
 
+    def writes_checkpoint(self, cfg: DictConfig) -> bool:
+        """Whether this config leaves a checkpoint a later pipeline step can take (override when not)."""
+        return bool(cfg.save_checkpoint)
+
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
         raise NotImplementedError
 
@@ -82,8 +86,10 @@ class RunContext:
         from runner.models import save_checkpoint
 
         path = self.run_dir / name
+        # every process takes part: under FSDP, gathering the full weights onto the main process is a collective
+        state_dict = self.accelerator.get_state_dict(model)
         if self.is_main_process:
-            save_checkpoint(self.accelerator.unwrap_model(model), tokenizer, path, **kwargs)
+            save_checkpoint(self.accelerator.unwrap_model(model), tokenizer, path, state_dict=state_dict, **kwargs)
             self.log.info("saved checkpoint to %s", path)
         self.accelerator.wait_for_everyone()
         return path

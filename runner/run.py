@@ -58,8 +58,12 @@ def import_components(plugins: list[str]) -> None:
             raise ConfigError(f"plugins: cannot import {name!r} ({exc})") from None
 
 
-def validate(cfg: DictConfig) -> Recipe:
-    """The recipe to run, after checking the whole config; raises one ConfigError listing every problem."""
+def validate(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> Recipe:
+    """The recipe to run, after checking the whole config; raises one ConfigError listing every problem.
+
+    `pending` names model roles (``model``, ``models[1]``) whose checkpoint an earlier pipeline step
+    has yet to write: their paths are not checked.
+    """
     from runner.data import check_data_spec
     from runner.evaluate import check_eval_spec
     from runner.models import check_model_spec
@@ -73,10 +77,11 @@ def validate(cfg: DictConfig) -> Recipe:
     problems += check_roles(cfg, recipe.roles, recipe.optional_roles, cfg.kind)
     problems += check_unused_blocks(cfg, recipe.blocks, cfg.kind)
     for role in ROLES:
-        if cfg.get(role) is not None and role in recipe.roles + recipe.optional_roles:
+        if cfg.get(role) is not None and role in recipe.roles + recipe.optional_roles and role not in pending:
             problems += check_model_spec(cfg[role], role)
     for i, spec in enumerate(cfg.models or []):
-        problems += check_model_spec(spec, f"models[{i}]")
+        if f"models[{i}]" not in pending:
+            problems += check_model_spec(spec, f"models[{i}]")
     if recipe.uses_data:
         problems += check_data_spec(cfg.data)
     problems += check_eval_spec(cfg.eval)
@@ -143,6 +148,30 @@ def _read_status(run_dir: Path) -> str | None:
         return json.loads((run_dir / RESULTS).read_text()).get("status")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _comparable(config: Any) -> Any:
+    """A config as JSON would store it, without the keys that do not change a run's outputs."""
+    data = json.loads(json.dumps(config, default=str))
+    data.pop("output_root", None)
+    data.get("train", {}).pop("resume", None)
+    return data
+
+
+def find_completed(cfg: DictConfig) -> dict[str, Any] | None:
+    """The results of the last run of exactly this config (eval included) if it completed and its
+    checkpoint is still there; None otherwise. Pipelines reuse such a run instead of repeating it."""
+    index = _index_file(cfg)
+    try:
+        previous = Path(json.loads(index.read_text())["run_dir"])
+        results = json.loads((previous / RESULTS).read_text())
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    if results.get("status") != "completed" or _comparable(results.get("config")) != _comparable(to_container(cfg)):
+        return None
+    if results.get("checkpoint") and not Path(results["checkpoint"]).is_dir():
+        return None
+    return results
 
 
 def _record_in_index(cfg: DictConfig, run_dir: Path) -> None:
@@ -277,6 +306,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     except RunnerError as exc:
         results["status"] = "failed"
         results["error"] = str(exc)
+        results.update(exc.extra or {})  # what a failed recipe still has to report (a pipeline's finished steps)
         raise
     except BaseException as exc:
         results["status"] = "failed"
@@ -299,10 +329,17 @@ def _evaluate_role(ctx: RunContext, role: str) -> dict[str, float]:
 
 
 def _evaluate_output(ctx: RunContext, out: RecipeResult) -> dict[str, float]:
+    from accelerate.utils import DistributedType
+
     from runner.evaluate import evaluate
     from runner.models import load_model
 
-    if out.model is not None:
+    # an FSDP-sharded model cannot run on the main process alone: evaluate its gathered checkpoint
+    sharded = ctx.accelerator.distributed_type == DistributedType.FSDP
+    if sharded and out.checkpoint is None:
+        log.warning("not evaluated: under FSDP the result is evaluated from its checkpoint; save_checkpoint=false wrote none")
+        return {}
+    if out.model is not None and not sharded:
         model, tokenizer = ctx.accelerator.unwrap_model(out.model), out.tokenizer
     else:
         model, tokenizer = load_model({"path": str(out.checkpoint)}, device=ctx.accelerator.device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -133,10 +134,35 @@ def make_accelerator(train_cfg: Any, project_dir: str | Path | None = None):
     from accelerate import Accelerator
 
     cpu = train_cfg.cpu if train_cfg.cpu is not None else not torch.cuda.is_available()
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate applies FSDP on GPUs (and other accelerators) only: on CPU, fsdp_version 2 quietly
+        # runs DDP instead and fsdp_version 1 fails inside accelerate with "no available devices found"
+        raise ConfigError("accelerate config: FSDP was asked for, but this run is on the CPU, where accelerate "
+                          "does not apply FSDP (it would run DDP instead, or fail to start). On a CPU machine use "
+                          "conf/accelerate/cpu_ddp.yaml")
     kwargs: dict[str, Any] = {"cpu": cpu, "mixed_precision": train_cfg.mixed_precision}
     if train_cfg.tensorboard and project_dir is not None:
         kwargs.update(log_with="tensorboard", project_dir=str(project_dir))
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    check_launch(accelerator)
+    return accelerator
+
+
+def check_launch(accelerator) -> None:
+    """Stop launches that accelerate would run, but not as asked, before any work."""
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = accelerator.distributed_type
+    if launched > 1 and accelerator.num_processes == 1:
+        # accelerate with cpu=False and no GPU: every process would train alone on the same data
+        raise ConfigError(f"train.cpu: accelerate launch started {launched} processes, but this one joined no process "
+                          "group (train.cpu=false without a GPU?); leave train.cpu unset or true on a CPU machine")
+    if kind == DistributedType.DEEPSPEED:
+        # DeepSpeed steps the optimizer inside backward(), before the loop's global token-count rescaling,
+        # clipping and NaN guard, so its updates would differ from every other launch mode
+        raise ConfigError("accelerate config: DeepSpeed is not supported by the runner's training loop; for sharded "
+                          "training use FSDP (conf/accelerate/fsdp.yaml)")
 
 
 def reset_accelerator_state() -> None:

@@ -121,6 +121,9 @@ class Merge(Recipe):
             problems.append(f"merge.modules: {bad} not allowed; choose from {', '.join(MODULE_KINDS)}")
         return problems
 
+    def writes_checkpoint(self, cfg: DictConfig) -> bool:
+        return True  # the merged model is the whole output, written whatever save_checkpoint says
+
     def baseline_for(self, cfg: DictConfig) -> str | None:
         # MI and Timber are judged against Instruct, their backbone; list merges have no single baseline
         return "instruct" if cfg.merge.method in ("interpolate", "timber") else None

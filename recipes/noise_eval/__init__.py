@@ -100,6 +100,9 @@ class NoiseEval(Recipe):
     blocks = ("noise",)
     baseline_role = "model"
 
+    def writes_checkpoint(self, cfg: DictConfig) -> bool:
+        return False  # it measures; noise.save_trials writes many noisy models, none of them "the" output
+
     def validate(self, cfg: DictConfig) -> list[str]:
         blocks, problems = checked_blocks(cfg, ("noise", NoiseConfig))
         if not blocks:
