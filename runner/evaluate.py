@@ -31,7 +31,7 @@ _TASK_LINE = re.compile(r"^(?:task|group):\s*([\w\-.]+)\s*$", re.M)
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
-    raw_path: Path
+    raw_path: Path | None  # None on processes other than the main one
     wall_s: float
 
 
@@ -161,6 +161,8 @@ def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "mo
         )
     finally:
         model.train(was_training)
+    if res is None:  # a non-main process of a multi-process evaluation: lm-eval gathers the results on rank 0
+        return EvalResult(metrics={}, raw_path=None, wall_s=time.perf_counter() - t0)
     metrics = flatten_metrics(res["results"])
     samples = res.pop("samples", {}) or {}
     for task, task_samples in samples.items():

@@ -150,3 +150,10 @@ def test_pipeline_from_the_command_line(tmp_path, tiny_llama):
     for step in results["steps"]:
         assert json.loads((run_dir / "steps" / step["name"] / "results.json").read_text())["status"] == "completed"
     assert "toy_arith/exact_match@sigma=0.0" in results["metrics"]
+
+
+@pytest.mark.parametrize("recipe", ["sft_noise_pipeline", "quant_noise_pipeline", "distill_quant_pipeline"])
+def test_example_pipelines_are_valid(compose, recipe):
+    from runner.run import validate
+
+    assert type(validate(compose([f"recipe={recipe}"]))).__name__ == "Pipeline"
