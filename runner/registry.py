@@ -95,6 +95,12 @@ def unknown_name_message(kind: str, name: str, valid: Iterable[str], key: str | 
     )
 
 
+def check_name(kind: str, name: str, *, key: str) -> list[str]:
+    """[] when `name` is registered as `kind`, else the one problem naming `key` (with a did-you-mean)."""
+    table = _check_kind(kind)
+    return [] if name in table else [unknown_name_message(kind, name, table, key)]
+
+
 def get(kind: str, name: str, *, key: str | None = None) -> Any:
     """The object registered as `name`; a `ConfigError` naming `key` if there is none."""
     table = _check_kind(kind)

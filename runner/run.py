@@ -70,9 +70,9 @@ def validate(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> Recipe:
 
     import_components(list(cfg.plugins))
     problems = check_top_level(cfg) + check_fields(cfg, RunConfig, "")
-    if cfg.kind not in registry.names("recipe"):
-        problems.append(registry.unknown_name_message("recipe", cfg.kind, registry.names("recipe"), key="kind"))
-        raise_if(problems)
+    unknown = registry.check_name("recipe", cfg.kind, key="kind")
+    if unknown:
+        raise_if(problems + unknown)
     recipe: Recipe = registry.get("recipe", cfg.kind)()
     problems += check_roles(cfg, recipe.roles, recipe.optional_roles, cfg.kind)
     problems += check_unused_blocks(cfg, recipe.blocks, cfg.kind)

@@ -365,7 +365,9 @@ def test_bad_config_writes_no_checkpoint(compose, tiny_llama, tmp_path):
     # errors that need the model's layers are caught before anything is quantized or written
     for overrides, message in [(["quant.targets=[nothing]"], "no decoder linear layer"),
                                (["quant.allocator=manual", "quant.avg_bits=2.5", "+quant.allocator_params.bits={5:3}"],
-                                "quant.allocator_params: manual bits {5: 3}: layers must be among [0, 1]")]:
+                                "quant.allocator_params: manual bits {5: 3}: layers must be among [0, 1]"),
+                               (["recipe=lieq_quantize", "quant.allocator_params.metric=entropy"],
+                                "quant.allocator_params: lieq metric 'entropy': choose compactness or energy")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             quant_run(compose, tiny_llama, tmp_path, *overrides, name="late")
         assert not (tmp_path / "late" / "checkpoint").exists()

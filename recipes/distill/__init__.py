@@ -94,9 +94,9 @@ class Distill(Recipe):
         loss, onpolicy, lora = blocks
         problems += unknown_keys(cfg, "onpolicy", set(OnPolicyConfig.__dataclass_fields__))
         problems += unknown_keys(cfg, "lora", set(LoraConfig.__dataclass_fields__))
-        if loss.name not in registry.names("kd_loss"):
-            problems.append(registry.unknown_name_message("kd_loss", loss.name, registry.names("kd_loss"), key="loss.name"))
-            return problems
+        unknown = registry.check_name("kd_loss", loss.name, key="loss.name")
+        if unknown:
+            return problems + unknown
         per_token = registry.get("kd_loss", loss.name).per_token
         div_params = component_params(cfg, "loss", LossConfig)
         problems += [p.replace("unknown parameter.", f"unknown key for loss {loss.name!r}.")

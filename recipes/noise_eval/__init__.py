@@ -108,9 +108,9 @@ class NoiseEval(Recipe):
         if not blocks:
             return problems
         (n,) = blocks
-        if n.model not in registry.names("noise_model"):
-            return problems + [registry.unknown_name_message("noise_model", n.model, registry.names("noise_model"),
-                                                             key="noise.model")]
+        unknown = registry.check_name("noise_model", n.model, key="noise.model")
+        if unknown:
+            return problems + unknown
         if not n.sweep:
             problems.append("noise.sweep: empty; give the levels to sweep, e.g. [0, 0.01, 0.02]")
         if not n.seeds:

@@ -100,9 +100,9 @@ class Quantize(Recipe):
         if not blocks:
             return problems
         (q,) = blocks
-        if q.method not in registry.names("quantizer"):
-            return problems + [registry.unknown_name_message("quantizer", q.method, registry.names("quantizer"),
-                                                             key="quant.method")]
+        unknown = registry.check_name("quantizer", q.method, key="quant.method")
+        if unknown:
+            return problems + unknown
         fn = registry.get("quantizer", q.method)
         problems += registry.check_params(fn, component_params(cfg, "quant", QuantConfig), key="quant", skip=3,
                                           runtime=RUNTIME)
@@ -130,9 +130,9 @@ class Quantize(Recipe):
 
     @staticmethod
     def _check_allocator(q) -> list[str]:
-        names = registry.names("bit_allocator")
-        if q.allocator not in names:
-            return [registry.unknown_name_message("bit_allocator", q.allocator, names, key="quant.allocator")]
+        unknown = registry.check_name("bit_allocator", q.allocator, key="quant.allocator")
+        if unknown:
+            return unknown
         problems = registry.check_params(registry.get("bit_allocator", q.allocator), dict(q.allocator_params),
                                          key="quant.allocator_params", skip=3)
         if q.method in quantizers.FIXED_CODE:

@@ -59,10 +59,6 @@ def first_layer_inputs(model, rows: torch.Tensor, batch_size: int) -> list[tuple
     return captured
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
