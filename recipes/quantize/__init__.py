@@ -175,8 +175,8 @@ class Quantize(Recipe):
                 kwargs["grid"] = grid
             w = quantize(module.weight.detach().float().cpu(), bits, g, **kwargs)
             module.weight.data.copy_(w.to(module.weight.dtype))
-            if grid is not None:
-                grids[name] = grid
+            if grid is not None:  # the export needs the scales and zeros only; it re-derives the codes
+                grids[name] = {"scale": grid["scale"], "zero": grid["zero"]}
             meta[name] = {"layer": layer, "method": q.method,
                           "bits": None if q.method in quantizers.FIXED_CODE else bits, "group_size": g, "sym": q.sym,
                           "params": module.weight.numel(),
