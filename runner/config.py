@@ -96,6 +96,16 @@ class TrainConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Settings for the tasks that sample (metadata ``sampled: true``, e.g. toy_arith_hard_passk); null keeps
+    the task's own (16 samples at temperature 1 for the toy pass@k tasks)."""
+
+    n: Optional[int] = field(default=None, metadata=bounds(1, 1024))  # samples per problem (pass@k for k <= n)
+    temperature: Optional[float] = field(default=None, metadata=bounds(0, lo_open=True))
+    top_p: Optional[float] = field(default=None, metadata=bounds(0, 1, lo_open=True))
+
+
+@dataclass
 class EvalConfig:
     tasks: List[str] = field(default_factory=list)  # empty: no evaluation
     limit: Optional[int] = field(default=None, metadata=bounds(1))
@@ -109,6 +119,7 @@ class EvalConfig:
     log_samples: bool = True
     bootstrap_iters: int = field(default=0, metadata=bounds(0))
     seed: int = 1234
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass

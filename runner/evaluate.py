@@ -108,24 +108,51 @@ def flatten_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return flat
 
 
+def _responses(sample: dict) -> list[str]:
+    """Every response of one logged sample: one for greedy tasks, all n for the sampled ones."""
+    found, stack = [], [sample.get("filtered_resps") or sample.get("resps") or []]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        else:
+            found.append(str(item))
+    return found
+
+
 def response_stats(samples: list[dict], tokenizer) -> dict[str, float]:
-    """Mean response length in tokens and the share of responses with a think block."""
+    """Mean response length in tokens and the share of responses with a think block, over all responses."""
     from runner.toy.tasks import THINK_OPEN
 
-    responses = []
-    for s in samples:
-        resps = s.get("filtered_resps") or s.get("resps") or []
-        first = resps[0] if resps else ""
-        while isinstance(first, list):  # resps are nested one level per repeat
-            first = first[0] if first else ""
-        responses.append(str(first))
+    responses = [r for s in samples for r in _responses(s)]
     if not responses:
         return {}
-    lengths = [len(tokenizer(r, add_special_tokens=False).input_ids) for r in responses]
+    lengths = [len(ids) for ids in tokenizer(responses, add_special_tokens=False).input_ids]
     return {
         "response_tokens": sum(lengths) / len(lengths),
         "think_rate": sum(THINK_OPEN in r for r in responses) / len(responses),
     }
+
+
+def sampled_tasks(ev: Any, task_manager) -> list:
+    """The tasks to run: names, except that with `eval.sampling` set the tasks that sample (metadata
+    ``sampled: true``) come as loaded Task objects with n, temperature and top_p overridden."""
+    s = ev.sampling
+    gen = {k: v for k, v in (("temperature", s.temperature), ("top_p", s.top_p)) if v is not None}
+    if s.n is None and not gen:
+        return list(ev.tasks)
+    from lm_eval.api.task import Task
+
+    tasks = []
+    for name, task in task_manager.load_task_or_group(list(ev.tasks)).items():
+        if isinstance(task, Task) and (task.config.metadata or {}).get("sampled"):
+            if s.n is not None:
+                task.set_config("repeats", int(s.n))
+            task.set_config("generation_kwargs", gen, update=True)
+            tasks.append(task)
+        else:  # groups and greedy tasks run as configured
+            tasks.append(name if isinstance(name, str) else getattr(name, "group_name", str(name)))
+    return tasks
 
 
 def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "model") -> EvalResult:
@@ -143,13 +170,14 @@ def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "mo
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size,
               max_gen_toks=ev.max_gen_toks or 256, chat_template_args=chat_args or None)
     gen_kwargs = {"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None
+    task_manager = _task_manager(ev)
     try:
         res = lm_eval.simple_evaluate(
             model=lm,
-            tasks=list(ev.tasks),
+            tasks=sampled_tasks(ev, task_manager),
             num_fewshot=ev.num_fewshot,
             limit=ev.limit,
-            task_manager=_task_manager(ev),
+            task_manager=task_manager,
             log_samples=True,
             apply_chat_template=chat,
             gen_kwargs=gen_kwargs,

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from runner.config import EvalConfig
+from runner.config import EvalConfig, SamplingConfig
 from runner.evaluate import check_eval_spec, evaluate, flatten_metrics, toy_task_names
 from runner.toy.tasks import TaskSpec
 from runner.toy.tasks import test_problems as problems_of_split
@@ -94,3 +94,50 @@ def test_eval_spec_checks(tmp_path):
 def test_unknown_task_gets_a_suggestion():
     problems = check_eval_spec(OmegaConf.structured(EvalConfig(tasks=["toy_arth"])))
     assert len(problems) == 1 and "eval.tasks: unknown task 'toy_arth'. Did you mean 'toy_arith'?" in problems[0]
+
+
+def two_answer_model(tokenizer, first: str, second: str, gap: float) -> LlamaForCausalLM:
+    """The bigram model whose response is one of two numbers, then EOS: after the assistant marker the
+    logits of `first` and `second` are 10 and 10 - gap, far above every other token's."""
+    model = bigram_model(tokenizer, ["<|assistant|>", first, "</s>"])
+    cur, nxt = (tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", second))
+    with torch.no_grad():
+        model.lm_head.weight[nxt, cur] = 10.0 - gap
+        model.lm_head.weight[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(second)] = 10.0
+    return model
+
+
+def _common_answers(limit):
+    easy = problems_of_split(TaskSpec(), "easy")[:limit]
+    (a, count_a), (b, count_b) = Counter(p.answer for p in easy).most_common(2)
+    return str(a), str(b), count_a, count_b
+
+
+def test_pass_at_k_from_samples_matches_the_two_answer_model(toy_tokenizer, tmp_path):
+    limit, n = 60, 16
+    a, b, count_a, count_b = _common_answers(limit)
+    model = two_answer_model(toy_tokenizer, a, b, gap=0.0)  # each answer half the time
+    ev = OmegaConf.structured(EvalConfig(tasks=["toy_arith_passk"], limit=limit, batch_size=64))
+    metrics = evaluate(model, toy_tokenizer, ev, tmp_path).metrics
+    # with 16 samples per problem both answers appear (all but surely: each is missed with p = 2^-16),
+    # so pass@16 is exactly the share of problems answered a or b, and 2 of 16 answers are distinct
+    assert metrics["toy_arith_passk/pass@16"] == pytest.approx((count_a + count_b) / limit)
+    assert metrics["toy_arith_passk/distinct_answers"] == pytest.approx(2 / n)
+    assert 0.3 * (count_a + count_b) / limit < metrics["toy_arith_passk/pass@1"] < 0.7 * (count_a + count_b) / limit
+    assert metrics["toy_arith_passk/response_tokens"] == 1.0  # over all 16 samples of every problem
+    samples = [json.loads(line) for line in (tmp_path / "samples_toy_arith_passk.jsonl").read_text().splitlines()]
+    assert len(samples) == limit and all(len(s["filtered_resps"][0]) == n for s in samples)
+
+
+def test_eval_sampling_sets_n_and_temperature(toy_tokenizer, tmp_path):
+    limit = 60
+    a, b, count_a, _ = _common_answers(limit)
+    model = two_answer_model(toy_tokenizer, a, b, gap=0.1)  # p(a) = 0.52 at temperature 1, ~1 at 0.01
+    ev = OmegaConf.structured(EvalConfig(tasks=["toy_arith_passk", "toy_arith"], limit=limit, batch_size=64,
+                                         sampling=SamplingConfig(n=4, temperature=0.01, top_p=0.9)))
+    metrics = evaluate(model, toy_tokenizer, ev, tmp_path).metrics
+    assert {k for k in metrics if "pass@" in k} == {f"toy_arith_passk/pass@{k}" for k in (1, 2, 4)}
+    for k in (1, 2, 4):  # all but greedy: every sample is the likelier answer
+        assert metrics[f"toy_arith_passk/pass@{k}"] == pytest.approx(count_a / limit)
+    assert metrics["toy_arith_passk/distinct_answers"] == pytest.approx(1 / 4)
+    assert metrics["toy_arith/exact_match"] == pytest.approx(count_a / limit)  # the greedy task is untouched

@@ -126,3 +126,28 @@ def test_words_task_alternates_easy_and_hard():
     assert len(rows) == len(easy) + len(hard)
     assert rows[0]["question"] == easy[0].question("words") and rows[1]["question"] == hard[0].question("words")
     assert rows[1]["answer"] == str(hard[0].answer)
+
+
+def test_pass_at_k_matches_hand_computed_values():
+    from runner.toy.tasks import pass_at_k
+
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(16, 4, 8) == pytest.approx(1 - 495 / 12870)  # 1 - C(12,8)/C(16,8)
+    for n in (1, 5, 16):
+        for c in range(n + 1):
+            assert pass_at_k(n, c, 1) == pytest.approx(c / n)  # pass@1 is the share correct
+            assert pass_at_k(n, c, n) == (1.0 if c else 0.0)  # all n samples: any correct one counts
+            ks = [pass_at_k(n, c, k) for k in range(1, n + 1)]
+            assert ks == sorted(ks)  # more tries never hurt
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_sampled_task_scoring():
+    from runner.toy.lm_tasks.utils import score_samples
+
+    doc = {"answer": "80"}
+    scores = score_samples(doc, [["7*9+17=80", "<think>7*9=63</think>63", "The answer is 80.", "no number"]])
+    assert scores["pass@1"] == pytest.approx(0.5) and scores["pass@2"] == pytest.approx(1 - 1 / 6)
+    assert scores["pass@4"] == 1.0 and "pass@8" not in scores
+    assert scores["distinct_answers"] == pytest.approx(3 / 4)  # 80, 63 and no answer

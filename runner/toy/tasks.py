@@ -255,6 +255,19 @@ def final_answer(response: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The chance that at least one of k samples drawn without replacement from n is correct:
+    1 - C(n - c, k) / C(n, k), the unbiased estimator of Chen et al. (2021), as a stable product."""
+    if not 0 <= correct <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= correct <= n and 1 <= k <= n, got n={n}, correct={correct}, k={k}")
+    if n - correct < k:
+        return 1.0
+    miss = 1.0
+    for i in range(k):
+        miss *= (n - correct - i) / (n - i)
+    return 1.0 - miss
+
+
 def mc_choices(problem: Problem, n_choices: int = 4) -> tuple[list[str], int]:
     """Answer choices (the correct one plus near misses) and the index of the correct one."""
     rng = random.Random(f"mc-{problem.expression()}")

@@ -6,7 +6,9 @@ tasks resolve from any working directory.
 
 import datasets
 
-from runner.toy.tasks import TaskSpec, final_answer, mc_choices, render, test_problems
+from runner.toy.tasks import TaskSpec, final_answer, mc_choices, pass_at_k, render, test_problems
+
+PASS_KS = (1, 2, 4, 8, 16)  # the k of pass@k reported by the sampled tasks (those <= the sample count)
 
 
 def _dataset(rows):
@@ -50,3 +52,17 @@ def load_plain(**kwargs):
 def score_generation(doc, results):
     """Exact match on the final integer after the think block is removed."""
     return {"exact_match": float(final_answer(results[0]) == int(doc["answer"]))}
+
+
+def keep_all(resps, docs):
+    """The filter of the sampled tasks: every sample goes to scoring (lm-eval keeps only the first by default)."""
+    return resps
+
+
+def score_samples(doc, results):
+    """pass@k (the unbiased estimator over the n samples of one problem) and the share of distinct final answers."""
+    answers = [final_answer(r) for r in results[0]]
+    n, correct = len(answers), sum(a == int(doc["answer"]) for a in answers)
+    scores = {f"pass@{k}": pass_at_k(n, correct, k) for k in PASS_KS if k <= n}
+    scores["distinct_answers"] = len(set(answers)) / n
+    return scores
