@@ -7,18 +7,34 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+EXTRAS := dev,tensorboard,joblib,slurm,quant
+# Every library at the version the README's figures came from (pip constraints); `make lock` rewrites it.
+LOCK := requirements.lock
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-fast run zoo zoo-eval mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs
+.PHONY: setup setup-latest lock test test-fast run zoo zoo-eval mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-setup: $(BIN)/python  ## create .venv and install the runner with its dev tools (CPU torch)
+setup: $(BIN)/python  ## create .venv and install the runner with its dev tools (CPU torch), every library as locked
 	$(BIN)/pip install $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev,tensorboard,joblib,slurm,quant]"
+	$(BIN)/pip install -c $(LOCK) -e ".[$(EXTRAS)]"
+
+setup-latest: $(BIN)/python  ## the same, with the newest versions pyproject.toml allows (to find breakage early)
+	$(BIN)/pip install $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+
+lock:  ## resolve every dependency afresh (newest allowed) in a scratch venv and rewrite requirements.lock
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
+	.lock-venv/bin/pip install -q -e ".[$(EXTRAS),bench]"
+	{ echo "# pip constraints: the exact version of every library \`make setup\` and CI install (\`make lock\` rewrites this file)."; \
+	  echo "# torch's local label (+cpu, +cu128) is left out so that CPU and CUDA builds both satisfy it."; \
+	  .lock-venv/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK)
+	rm -rf .lock-venv
 
 test:  ## the whole test suite (offline)
 	$(BIN)/python -m pytest -q tests
@@ -29,9 +45,12 @@ test-fast:  ## the suite without the slow tests (no full toy zoo build)
 run:  ## the demo job (override with RECIPE=...)
 	$(BIN)/python -m runner recipe=$(or $(RECIPE),sft)
 
-zoo:  ## build the toy zoo (cached under ~/.cache/runner) and measure it
+zoo:  ## rebuild the toy zoo from scratch (into ~/.cache/runner) and compare it with the shipped entries
 	$(BIN)/python -m runner.toy.zoo build all
-	$(BIN)/python -m runner.toy.zoo eval
+	$(BIN)/python -m runner.toy.zoo eval --compare
+
+zoo-eval:  ## measure the shipped toy zoo: the zoo table and the premise table (as in the README)
+	$(BIN)/python -m runner.toy.zoo eval --markdown
 
 MI_LAMBDAS ?= 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
@@ -77,7 +96,7 @@ lieq-experiment:  ## one layer gets a third bit: uniform 2-bit vs LieQ vs NSDS v
 	$(BIN)/python -m runner.report $(LIEQ_DIR) --metrics '$(QUANT_METRICS),quant/code_bits'
 
 bench:  ## benchmarks against peers (TRL from the bench extra), printed as ratios
-	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[bench]"
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean-outputs:  ## delete run and sweep folders (never the toy zoo cache)

@@ -35,6 +35,7 @@ from runner.config import (
     to_container,
 )
 from runner.errors import ConfigError, RunnerError
+from runner.lock import lock_status
 from runner.recipe import Recipe, RecipeResult, RunContext
 
 log = logging.getLogger("runner")
@@ -230,6 +231,7 @@ def _new_results(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "timings": {},
         "seed": cfg.get("seed"),
         "versions": versions(),
+        "environment": lock_status(),
         "git": git_info(),
         "hostname": socket.gethostname(),
         "run_dir": str(run_dir.resolve()),

@@ -46,6 +46,9 @@ def test_sft_on_the_toy_world_end_to_end(tmp_path):
     assert set(results["baseline_metrics"]) == set(results["metrics"])  # the recipe's toy default evaluates the input too
     assert results["train"]["steps"] == 6 and results["train"]["tokens_per_s"] > 0
     assert results["versions"]["torch"].startswith("2.") and "lm_eval" in results["versions"]
+    from runner.lock import LOCK_FILE, lock_status
+
+    assert results["environment"]["lock_sha256"] == lock_status()["lock_sha256"] and str(LOCK_FILE) == results["environment"]["lock"]
     assert {"validate_s", "recipe_s", "eval_s", "baseline_eval_s", "total_s"} <= set(results["timings"])
     assert results["hostname"] and results["run_dir"] == str(run_dir.resolve())
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "runner.log").is_file()
