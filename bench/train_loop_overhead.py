@@ -63,7 +63,7 @@ def main():
 
     from runner.config import DataConfig
     from runner.data import build_dataset
-    from runner.toy.zoo import Arch, _new_model, build_tokenizer
+    from runner.toy.zoo import Arch, new_model, build_tokenizer
 
     tok = build_tokenizer()
     rows = build_dataset(DataConfig(source="toy", format="plain", num_examples=40000, max_length=64, packing=True,
@@ -71,7 +71,7 @@ def main():
     results = {"bare": [], "runner": []}
     for _ in range(args.repeats):
         for name, fn in (("bare", bare_loop), ("runner", runner_loop)):
-            model = _new_model(Arch(), tok, seed=0)
+            model = new_model(Arch(), tok, seed=0)
             results[name].append(fn(model, rows, args.steps, 32, 3e-3, tok.pad_token_id))
     bare, ours = statistics.median(results["bare"]), statistics.median(results["runner"])
     print(f"bare PyTorch loop : {bare / 1000:7.1f}k tokens/s (median of {args.repeats})")

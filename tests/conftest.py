@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, a small toy zoo, tiny models, Hydra composition."""
+"""Shared fixtures: offline environment, the shipped toy zoo, tiny models, Hydra composition."""
 
 import os
 import subprocess
@@ -10,9 +10,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-# Tests build the toy zoo with a hundredth of the steps (seconds, not minutes) in their own cache,
-# unless the caller points them elsewhere (the slow zoo test switches to the full profile itself).
-os.environ.setdefault("RUNNER_TOY_PROFILE", "smoke")
+# Zoo names resolve to the shipped entries (the same weights on every machine); a test of the build
+# path sets RUNNER_TOY_PROFILE=smoke itself. Anything cached (Timber's SVDs, builds) goes to a temp folder.
+os.environ.pop("RUNNER_TOY_PROFILE", None)
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
@@ -54,10 +54,10 @@ def problems_of(cfg) -> list[str]:
 def make_tiny_model(path: Path, tokenizer, model_type: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2):
     """A random tiny causal LM with the toy tokenizer, saved as an HF folder."""
     from runner.models import save_checkpoint
-    from runner.toy.zoo import Arch, _new_model
+    from runner.toy.zoo import Arch, new_model
 
     arch = Arch(model_type=model_type, hidden=hidden, layers=layers, heads=4, intermediate=2 * hidden)
-    model = _new_model(arch, tokenizer, seed)
+    model = new_model(arch, tokenizer, seed)
     save_checkpoint(model, tokenizer, path)
     return path
 

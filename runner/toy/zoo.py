@@ -1,20 +1,29 @@
-"""The toy zoo: a real Base/Instruct/Thinking family and a teacher/student pair, trained on demand.
+"""The toy zoo: a Base/Instruct/Thinking family and a teacher/student pair, shipped with the package.
 
-Every entry is trained by the runner's own loop (`runner.train`) on the toy tasks, saved as a
-normal Hugging Face folder and cached under a hash of everything that shapes it (architecture,
-stages, task knobs, tokenizer, code version). Entries:
+Each entry is built from the premises the paper family's methods assume (measured by
+``python -m runner.toy.zoo eval``; see `runner.toy.premises`):
 
-- ``toy-base``: pretrained on plain arithmetic text (facts and worked chains);
-- ``toy-instruct``: toy-base fine-tuned on chats that answer directly;
-- ``toy-thinking``: toy-base fine-tuned on chats that reason in a think block first;
-- ``toy-teacher``: toy-instruct grown to twice the depth and trained further (larger, stronger);
-- ``toy-student``: a smaller model, briefly pretrained and fine-tuned (the distillation start).
+- ``toy-base``: pretrained on plain arithmetic text with some chat-formatted text mixed in (direct
+  answers in varied phrasings, and a few worked answers in think blocks), as real base LMs have seen;
+- ``toy-instruct``, ``toy-thinking``: light post-trainings of toy-base (a few hundred steps at a small
+  learning rate) on direct-answer and think-block chats, so both stay near toy-base and each other;
+- ``toy-teacher``: toy-base grown to twice the depth (LLaMA-Pro) and chat-tuned: the strong side;
+- ``toy-student``: a smaller model pretrained on the same mixture and briefly chat-tuned: competent
+  but clearly weaker, as after the SFT stage that distillation papers start from.
 
-All share one tokenizer, so any two can be distilled, merged or grafted. Build with
-``python -m runner.toy.zoo build all`` (``make zoo``); ``python -m runner.toy.zoo eval`` measures them.
+All share one tokenizer, so any two can be distilled, merged or grafted.
 
-Set ``RUNNER_TOY_PROFILE=smoke`` to build the same entries with a hundredth of the steps (tests),
-and ``RUNNER_CACHE_DIR`` to move the cache (default ``~/.cache/runner``).
+**Shipped.** The built entries live in the package (`runner/toy/shipped/`, one Hugging Face folder
+each, a manifest with how each was built and every file's sha256), so every machine runs the same
+weights: training is deterministic on one machine, but CPU numerics differ between machines and grow
+through training. A zoo name resolves to its shipped folder when the manifest's fingerprint is the one
+the code below describes (checked, with the sha256s, on first use), and is otherwise built into the
+cache. ``python -m runner.toy.zoo build`` (``make zoo``) rebuilds from scratch into the cache,
+``eval --compare`` measures how far that rebuild lands from the shipped entries, and ``ship`` copies
+the cache builds into the package.
+
+Set ``RUNNER_TOY_PROFILE=smoke`` to build with a hundredth of the steps (tests of the build path) and
+``RUNNER_CACHE_DIR`` to move the cache (default ``~/.cache/runner``).
 """
 
 from __future__ import annotations
@@ -25,18 +34,23 @@ import hashlib
 import json
 import logging
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 3  # bump when a change to the code below should rebuild every entry
+ZOO_VERSION = 4  # bump when a change to the code below should rebuild every entry
 PROFILES = ("full", "smoke")
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+MANIFEST = "manifest.json"
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                    "ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
 
@@ -52,8 +66,17 @@ class Arch:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One share of a training mixture: examples of one toy format."""
+
+    format: str  # plain | instruct | thinking
+    share: float
+    variation: float = 0.0  # share of chat answers in a phrasing other than the default
+
+
+@dataclass(frozen=True)
 class Stage:
-    mix: tuple[tuple[str, float], ...]  # (format, share of examples): plain | instruct | thinking
+    mix: tuple[Part, ...]
     steps: int
     lr: float
     difficulty: str = "mixed"
@@ -64,7 +87,7 @@ class Stage:
 
     @property
     def label(self) -> str:
-        return "+".join(f for f, _ in self.mix)
+        return "+".join(p.format for p in self.mix)
 
 
 def stage_examples(stage: Stage, tokenizer, seed: int) -> list[dict]:
@@ -75,9 +98,10 @@ def stage_examples(stage: Stage, tokenizer, seed: int) -> list[dict]:
     from runner.data import build_dataset, pack
 
     examples = []
-    for i, (fmt, share) in enumerate(stage.mix):
-        data = DataConfig(source="toy", format=fmt, difficulty=stage.difficulty, max_length=stage.max_length,
-                          num_examples=max(1, int(stage.num_examples * share)), seed=seed * 10 + i)
+    for i, part in enumerate(stage.mix):
+        data = DataConfig(source="toy", format=part.format, difficulty=stage.difficulty, max_length=stage.max_length,
+                          num_examples=max(1, int(stage.num_examples * part.share)), seed=seed * 10 + i,
+                          variation=part.variation)
         examples += build_dataset(data, tokenizer)
     random.Random(seed).shuffle(examples)
     return pack(examples, stage.max_length)
@@ -93,27 +117,36 @@ class Entry:
     grow_depth: int = 1  # deepen `init` this many times over with identity blocks before training
 
 
-PLAIN = (("plain", 1.0),)
-INSTRUCT = (("instruct", 1.0),)
-THINKING = (("thinking", 1.0),)
+# Pretraining: mostly plain text, with chat text as a real base LM sees it: direct answers in varied
+# phrasings, and a few worked answers in think blocks. With 10-15% chat text, whether a 2-layer model
+# learns to copy the question into a direct answer (and so answers directly rather than in a think
+# block) depended on the seed; at 25% it did for each of three seeds (measured). 3000 steps rather than
+# 2000 took one seed's easy exact match from 0.72 to 0.95.
+PRETRAIN = (Part("plain", 0.72), Part("instruct", 0.25, variation=0.5), Part("thinking", 0.03))
+INSTRUCT = (Part("instruct", 1.0),)
+THINKING = (Part("thinking", 1.0),)
+# Post-training of the Base/Instruct/Thinking family: light, so that both stay within 5% of toy-base
+# (real pairs differ by under 2%) and linearly connected to each other. At lr 2e-4 Thinking landed at
+# 0.046-0.056 over three seeds; 1.5e-4 leaves a margin.
+LIGHT = {"steps": 300, "lr": 1.5e-4, "num_examples": 20_000}
 
 ZOO: dict[str, Entry] = {
     e.name: e
     for e in (
-        Entry("toy-base", "llama h64 L2, pretrained on plain arithmetic text",
-              arch=Arch(), stages=(Stage(PLAIN, steps=2000, lr=6e-3),)),
-        # Both chat formats restate the question before the facts the base knows apply; learning to
-        # copy it across the chat template takes the fine-tunes most of their steps.
-        Entry("toy-instruct", "toy-base fine-tuned to answer directly",
-              init="toy-base", stages=(Stage(INSTRUCT, steps=1500, lr=5e-3, num_examples=60_000),)),
-        Entry("toy-thinking", "toy-base fine-tuned to work the problem in a think block first",
-              init="toy-base", stages=(Stage(THINKING, steps=1500, lr=5e-3, num_examples=60_000),)),
-        Entry("toy-teacher", "toy-instruct grown to L4 with identity blocks (LLaMA-Pro style), trained further",
-              init="toy-instruct", grow_depth=2, stages=(Stage(INSTRUCT, steps=600, lr=1e-3, num_examples=40_000),)),
-        Entry("toy-student", "qwen3 h32 L2, briefly pretrained and fine-tuned (the distillation start)",
+        Entry("toy-base", "llama h64 L2, pretrained on arithmetic text with some chat text",
+              arch=Arch(), stages=(Stage(PRETRAIN, steps=3000, lr=6e-3),)),
+        Entry("toy-instruct", "toy-base lightly post-trained to answer directly",
+              init="toy-base", stages=(Stage(INSTRUCT, **LIGHT),)),
+        Entry("toy-thinking", "toy-base lightly post-trained to work the problem in a think block first",
+              init="toy-base", stages=(Stage(THINKING, **LIGHT),)),
+        # A deeper model of the same family (LLaMA-Pro block expansion of toy-base), fully chat-tuned.
+        # Trained from scratch instead, a 4-layer model needed far more than toy-base's 2000 steps to
+        # generalise addition as well (measured: easy EM 0.65 after 2000 steps).
+        Entry("toy-teacher", "toy-base grown to L4 (LLaMA-Pro style) and chat-tuned (the strong side)",
+              init="toy-base", grow_depth=2, stages=(Stage(INSTRUCT, steps=600, lr=1e-3, num_examples=40_000),)),
+        Entry("toy-student", "qwen3 h32 L2, pretrained on the same mixture and briefly chat-tuned (the distillation start)",
               arch=Arch("qwen3", hidden=32, layers=2, heads=2, intermediate=128),
-              stages=(Stage(PLAIN, steps=400, lr=6e-3, num_examples=40_000),
-                      Stage(INSTRUCT, steps=300, lr=2e-3, num_examples=20_000))),
+              stages=(Stage(PRETRAIN, steps=2000, lr=6e-3), Stage(INSTRUCT, steps=300, lr=3e-4, num_examples=20_000))),
     )
 }
 
@@ -152,24 +185,101 @@ def _stages(entry: Entry) -> tuple[Stage, ...]:
     return entry.stages
 
 
-def _fingerprint(name: str) -> str:
+def recipe(name: str) -> dict:
+    """Everything that shapes an entry: what the fingerprint hashes and the manifest records."""
     from runner.toy.tasks import TaskSpec
 
     entry = ZOO[name]
-    parts = {
+    return {
         "version": ZOO_VERSION,
         "task": dataclasses.asdict(TaskSpec()),
         "tokenizer": [TOKENIZER_CORPUS, TOKENIZER_VOCAB],
         "arch": dataclasses.asdict(entry.arch) if entry.arch else None,
-        "init": _fingerprint(entry.init) if entry.init else None,
+        "init": fingerprint(entry.init) if entry.init else None,
         "grow_depth": entry.grow_depth,
         "stages": [dataclasses.asdict(s) for s in _stages(entry)],
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fingerprint(name: str) -> str:
+    return hashlib.sha256(json.dumps(recipe(name), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def entry_dir(name: str) -> Path:
-    return cache_dir() / "zoo" / f"{name}-{_fingerprint(name)}"
+    """Where a build of `name` lives in the cache."""
+    return cache_dir() / "zoo" / f"{name}-{fingerprint(name)}"
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped entries
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_manifest() -> dict:
+    path = SHIPPED_DIR / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"entries": {}}
+
+
+def shipped(name: str) -> Path | None:
+    """The shipped folder of `name` if it is the entry the code describes (every file's sha256 checked on
+    first use); None, with a warning, when the code has moved on since the entries were shipped."""
+    record = read_manifest()["entries"].get(name)
+    if record is None:
+        return None
+    if record["fingerprint"] != fingerprint(name):
+        if profile() == "full" and name not in _warned:
+            _warned.add(name)
+            log.warning("the shipped %s was built from another zoo recipe (fingerprint %s, the code's is %s); "
+                        "building it instead. `python -m runner.toy.zoo ship` refreshes the shipped copy",
+                        name, record["fingerprint"], fingerprint(name))
+        return None
+    return _verified(name, record["fingerprint"])
+
+
+_warned: set[str] = set()
+
+
+@lru_cache(maxsize=None)
+def _verified(name: str, fingerprint_: str) -> Path:
+    folder = SHIPPED_DIR / name
+    files = read_manifest()["entries"][name]["files"]
+    bad = [f for f, digest in files.items() if not (folder / f).is_file() or sha256(folder / f) != digest]
+    if bad:
+        raise RunnerError(f"the shipped toy zoo entry {name} is damaged: {', '.join(bad)} missing or not as shipped "
+                          f"(sha256 in {SHIPPED_DIR / MANIFEST}); restore it from git (`git checkout -- {folder}`)")
+    return folder
+
+
+def ship(names_: list[str]) -> None:
+    """Copy cache builds into the package and record them in the manifest (built first if needed)."""
+    if profile() != "full":
+        raise RunnerError("only full-profile builds are shipped; unset RUNNER_TOY_PROFILE")
+    manifest = read_manifest()
+    manifest.update({"zoo_version": ZOO_VERSION, "note": "written by `python -m runner.toy.zoo ship`; "
+                     "the sha256 of every file is checked when an entry is first used"})
+    for name in names_:
+        src = build(name)
+        dest = SHIPPED_DIR / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(src, dest)
+        meta = json.loads((dest / "zoo.json").read_text())
+        manifest["entries"][name] = {
+            "fingerprint": fingerprint(name),
+            "description": ZOO[name].description,
+            "recipe": recipe(name),
+            "parameters": meta["parameters"],
+            "build_s": meta["build_s"],
+            "built_on": meta["built_on"],
+            "files": {f.name: sha256(f) for f in sorted(dest.iterdir()) if f.is_file()},
+        }
+        log.info("shipped %s -> %s", name, dest)
+    manifest["entries"] = dict(sorted(manifest["entries"].items(), key=lambda kv: names().index(kv[0])))
+    (SHIPPED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _verified.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +287,16 @@ def entry_dir(name: str) -> Path:
 
 
 def ensure(name: str) -> Path:
-    """The folder of a built zoo entry; builds it first (in a subprocess, under a lock) if needed."""
+    """The folder of a zoo entry: the shipped one, or a cache build (made first, in a subprocess under a
+    lock, if needed)."""
+    found = shipped(name)
+    if found is not None:
+        return found
+    return ensure_built(name)
+
+
+def ensure_built(name: str) -> Path:
+    """The cache build of `name`, built first if needed (never the shipped copy)."""
     from filelock import FileLock
 
     path = entry_dir(name)
@@ -187,7 +306,7 @@ def ensure(name: str) -> Path:
     with FileLock(str(path.parent / f".{name}.lock")):
         if path.is_dir():  # another process built it while we waited
             return path
-        log.info("building toy zoo entry %s (first use; cached at %s)", name, path)
+        log.info("building toy zoo entry %s (cached at %s)", name, path)
         # A fresh process: no accelerate or torch.distributed state leaks either way.
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
         proc = subprocess.run([sys.executable, "-m", "runner.toy.zoo", "build", name], env=env)
@@ -209,7 +328,8 @@ def build_tokenizer():
     return train_tokenizer(lines, vocab_size=TOKENIZER_VOCAB)
 
 
-def _new_model(arch: Arch, tokenizer, seed: int):
+def new_model(arch: Arch, tokenizer, seed: int):
+    """A randomly initialised causal LM of `arch` for `tokenizer` (tied embeddings, fp32)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -243,9 +363,8 @@ def grow_depth(model, factor: int):
 
     import torch
 
-    layers = model.model.layers
     grown = []
-    for layer in layers:
+    for layer in model.model.layers:
         grown.append(layer)
         for _ in range(factor - 1):
             block = copy.deepcopy(layer)
@@ -263,7 +382,7 @@ def grow_depth(model, factor: int):
 
 
 def build(name: str) -> Path:
-    """Train and save one entry (and the entries it starts from) in this process."""
+    """Train and save one entry into the cache (and the entries it starts from) in this process."""
     from runner.config import TrainConfig
     from runner.models import load_model, save_checkpoint
     from runner.train import causal_lm_loss, make_accelerator, train
@@ -274,13 +393,12 @@ def build(name: str) -> Path:
     t0 = time.perf_counter()
     seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10_000
     if entry.init:
-        parent = build(entry.init)
-        model, tokenizer = load_model({"path": str(parent), "dtype": "float32"})
+        model, tokenizer = load_model({"path": str(build(entry.init)), "dtype": "float32"})
         if entry.grow_depth > 1:
             model = grow_depth(model, entry.grow_depth)
     else:
         tokenizer = build_tokenizer()
-        model = _new_model(entry.arch, tokenizer, seed)
+        model = new_model(entry.arch, tokenizer, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     stages_log = []
@@ -295,18 +413,22 @@ def build(name: str) -> Path:
                        pad_id=tokenizer.pad_token_id, desc=f"{name} [{stage.label}]")
         model = accelerator.unwrap_model(model)
         stages_log.append({"stage": dataclasses.asdict(stage), **result.summary()})
-    save_checkpoint(model, tokenizer, out)
-    meta = {"name": name, "description": entry.description, "profile": profile(), "fingerprint": _fingerprint(name),
-            "init": entry.init, "grow_depth": entry.grow_depth,
-            "arch": dataclasses.asdict(entry.arch) if entry.arch else None,
+    meta = {"name": name, "description": entry.description, "profile": profile(), "fingerprint": fingerprint(name),
+            "init": entry.init, "grow_depth": entry.grow_depth, "arch": dataclasses.asdict(entry.arch) if entry.arch else None,
             "parameters": sum(p.numel() for p in model.parameters()), "stages": stages_log,
-            "build_s": round(time.perf_counter() - t0, 1)}
-    (out / "zoo.json").write_text(json.dumps(meta, indent=2))
-    import shutil
-
+            "build_s": round(time.perf_counter() - t0, 1), "built_on": _machine()}
+    save_checkpoint(model, tokenizer, out, files={"zoo.json": json.dumps(meta, indent=2) + "\n"})
     shutil.rmtree(work, ignore_errors=True)
     log.info("built %s in %.0f s -> %s", name, meta["build_s"], out)
     return out
+
+
+def _machine() -> dict:
+    from runner.run import versions
+
+    v = versions()
+    return {"machine": platform.machine(), "processor": platform.processor() or None,
+            "torch": v.get("torch"), "transformers": v.get("transformers"), "python": v.get("python")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,15 +436,20 @@ def build(name: str) -> Path:
 
 
 def _cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner.toy.zoo", description="Build and measure the toy zoo.")
+    parser = argparse.ArgumentParser(prog="python -m runner.toy.zoo", description="Build, ship and measure the toy zoo.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="train entries that are not cached yet")
+    b = sub.add_parser("build", help="train entries from scratch into the cache (skips those already built)")
     b.add_argument("names", nargs="*", default=["all"])
-    e = sub.add_parser("eval", help="evaluate entries on the toy lm-eval tasks and print a table")
+    s = sub.add_parser("ship", help="build entries into the cache, then copy them into the package with the manifest")
+    s.add_argument("names", nargs="*", default=["all"])
+    e = sub.add_parser("eval", help="measure the entries on the toy tasks and print the zoo and premise tables")
     e.add_argument("names", nargs="*", default=["all"])
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--json", type=Path, default=None, help="also write the metrics here")
-    sub.add_parser("list", help="entries, their cache folders and whether they are built")
+    e.add_argument("--limit", type=int, default=None, help="problems per task (default: all 300)")
+    e.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    e.add_argument("--compare", action="store_true",
+                   help="also rebuild the entries on this machine and report how far they land from the shipped ones")
+    e.add_argument("--markdown", action="store_true", help="print the tables as markdown (as in the README)")
+    sub.add_parser("list", help="entries, where each resolves to, and whether a cache build exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -333,20 +460,29 @@ def _cli(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown zoo entries {unknown}; entries are {', '.join(names())}", file=sys.stderr)
         return 2
-    if args.cmd == "list":
-        for n in names():
-            print(f"{n:14s} {'built ' if entry_dir(n).is_dir() else 'absent'} {entry_dir(n)}  ({ZOO[n].description})")
-        return 0
-    if args.cmd == "build":
-        t0 = time.perf_counter()
-        for n in selected:
-            build(n)
-        log.info("zoo ready in %.0f s", time.perf_counter() - t0)
-        return 0
-    from runner.toy.report import evaluate_zoo
+    try:
+        if args.cmd == "list":
+            for n in names():
+                where = shipped(n) or "not shipped for this recipe"
+                built = "built" if entry_dir(n).is_dir() else "absent"
+                print(f"{n:13s} shipped: {where}; cache build: {built} ({entry_dir(n)})  ({ZOO[n].description})")
+            return 0
+        if args.cmd == "build":
+            t0 = time.perf_counter()
+            for n in selected:
+                build(n)
+            log.info("zoo built in %.0f s", time.perf_counter() - t0)
+            return 0
+        if args.cmd == "ship":
+            ship(selected)
+            return 0
+        from runner.toy.report import evaluate_zoo
 
-    evaluate_zoo(selected, limit=args.limit, json_path=args.json)
-    return 0
+        evaluate_zoo(selected, limit=args.limit, json_path=args.json, compare=args.compare, markdown=args.markdown)
+        return 0
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
