@@ -39,7 +39,7 @@ lock:  ## resolve every dependency afresh (newest allowed) in a scratch venv and
 test:  ## the whole test suite (offline)
 	$(BIN)/python -m pytest -q tests
 
-test-fast:  ## the suite without the slow tests (no full toy zoo build)
+test-fast:  ## the suite without the slow tests (no full measurement of the toy zoo)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 run:  ## the demo job (override with RECIPE=...)

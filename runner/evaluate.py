@@ -145,13 +145,14 @@ def sampled_tasks(ev: Any, task_manager) -> list:
 
     tasks = []
     for name, task in task_manager.load_task_or_group(list(ev.tasks)).items():
-        if isinstance(task, Task) and (task.config.metadata or {}).get("sampled"):
+        if not isinstance(task, Task):  # a group: its tasks run as configured
+            tasks.append(getattr(name, "group_name", str(name)))
+            continue
+        if (task.config.metadata or {}).get("sampled"):
             if s.n is not None:
                 task.set_config("repeats", int(s.n))
             task.set_config("generation_kwargs", gen, update=True)
-            tasks.append(task)
-        else:  # groups and greedy tasks run as configured
-            tasks.append(name if isinstance(name, str) else getattr(name, "group_name", str(name)))
+        tasks.append(task)
     return tasks
 
 

@@ -114,6 +114,7 @@ def test_zoo_cli_rejects_unknown_entries():
     assert proc.returncode == 2 and "unknown zoo entries ['toy-giant']" in proc.stderr
 
 
+@pytest.mark.slow
 def test_zoo_eval_prints_the_tables_in_the_readme():
     """The shipped weights are the same everywhere, so their measurement is too: every row that
     `python -m runner.toy.zoo eval --markdown` prints is in the README, word for word."""

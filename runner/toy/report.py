@@ -42,11 +42,9 @@ def _weight_gap(a, b) -> dict[str, float | bool]:
 
 def _table(title: str, header: list[str], rows: list[list[str]], markdown: bool) -> None:
     if markdown:
-        print(f"\n**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        from runner.report import markdown as as_markdown
+
+        print(f"\n**{title}**\n\n{as_markdown(header, rows)}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -56,10 +54,7 @@ def _table(title: str, header: list[str], rows: list[list[str]], markdown: bool)
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
-    console.print(table)
+    (Console() if Console().is_terminal else Console(width=200)).print(table)
 
 
 def evaluate_zoo(names: list[str], limit: int | None = None, json_path: Path | None = None, compare: bool = False,
