@@ -55,11 +55,11 @@ zoo-eval:  ## measure the shipped toy zoo: the zoo table and the premise table (
 MI_LAMBDAS ?= 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 MI_SWEEP_DIR ?= outputs/mi_sweep/$(STAMP)
-mi-sweep:  ## the MI lambda sweep over toy-instruct <-> toy-thinking: table and plot (add MI_ARGS=merge.modules=[mlp] ...)
+mi-sweep:  ## the MI lambda sweep over toy-instruct <-> toy-thinking (greedy and pass@k): table and plot (add MI_ARGS=merge.modules=[mlp] ...)
 	$(BIN)/python -m runner -m recipe=mi_merge eval=toy_quick eval.limit=200 "merge.lam=$(MI_LAMBDAS)" \
-		hydra.sweep.dir=$(MI_SWEEP_DIR) $(MI_ARGS)
+		'eval.tasks=[toy_arith,toy_arith_hard,toy_arith_hard_passk]' hydra.sweep.dir=$(MI_SWEEP_DIR) $(MI_ARGS)
 	$(BIN)/python -m runner.report $(MI_SWEEP_DIR) --x merge.lam \
-		--metrics '*/exact_match,*/response_tokens,*/think_rate'
+		--metrics '*/exact_match,*/response_tokens,*/think_rate,toy_arith_hard_passk/pass@1,toy_arith_hard_passk/pass@16'
 
 DISTILL_SWEEP_DIR ?= outputs/distill_sweep/$(STAMP)
 distill-sweep:  ## every KD divergence and on-policy mode, toy-teacher -> toy-student, then the table

@@ -71,3 +71,19 @@ def test_the_shipped_zoo_holds_the_weight_space_premises(shipped_models):
     assert float(premises.token_probabilities(models["toy-base"], rows).mean()) >= 0.2
     path_rows = premises.heldout_chats(tok, "instruct") + premises.heldout_chats(tok, "thinking")
     assert premises.barrier(premises.interpolation_path(models["toy-instruct"], models["toy-thinking"], path_rows)) <= 0.1
+
+
+def test_response_tokens_are_sorted_into_answer_and_the_rest(toy_tokenizer):
+    from runner.data import IGNORE
+
+    rows = premises.heldout_chats(toy_tokenizer, "instruct")
+    row = rows[0]  # "a+b=c</s>": the answer is the last number
+    response = [i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE]
+    assert len(row["kinds"]) == len(response) and row["kinds"][-1] == "eos"
+    answer = "".join(toy_tokenizer.decode([i]) for i, k in zip(response, row["kinds"]) if k == "answer")
+    from runner.toy.tasks import TaskSpec, test_problems
+
+    assert answer == str(test_problems(TaskSpec(), "easy")[0].answer)
+    probs = torch.tensor([0.5 if k == "answer" else 0.05 for r in rows[:2] for k in r["kinds"]])
+    kept = premises.kept_by_gate(probs, rows[:2])
+    assert kept["other"] == 0.0 and kept["easy answer"] == 1.0

@@ -39,17 +39,48 @@ def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], re
 
 
 def heldout_chats(tokenizer, fmt: str, variation: float = 0.0, seed: int = 0) -> list[dict]:
-    """The easy and hard test problems as tokenized chats of `fmt` (labels on the response only)."""
+    """The easy and hard test problems as tokenized chats of `fmt` (labels on the response only).
+
+    Each row also says, per response token, whether it spells the final answer (``answer``), ends the
+    turn (``eos``) or is the rest of the response (``other``: restated question, phrasing, working)."""
     from runner.data import IGNORE, tokenize_records
     from runner.toy.tasks import TaskSpec, render, test_problems
 
     spec, rng = TaskSpec(), random.Random(f"premises-{seed}-{fmt}")
-    records = [render(p, fmt, rng, variation) for split in ("easy", "hard") for p in test_problems(spec, split)]
+    problems = [(split, p) for split in ("easy", "hard") for p in test_problems(spec, split)]
+    records = [render(p, fmt, rng, variation) for _, p in problems]
     rows = []
-    for ids, labels in tokenize_records(records, tokenizer, chat=True):
+    for (split, problem), (ids, labels) in zip(problems, tokenize_records(records, tokenizer, chat=True)):
         labels[0] = IGNORE
-        rows.append({"input_ids": ids, "labels": labels})
+        rows.append({"input_ids": ids, "labels": labels, "split": split,
+                     "kinds": _token_kinds(tokenizer, ids, labels, str(problem.answer))})
     return rows
+
+
+def _token_kinds(tokenizer, ids: list[int], labels: list[int], answer: str) -> list[str]:
+    """answer / eos / other for each response token, in order (the answer is its last occurrence)."""
+    positions = [i for i, label in enumerate(labels) if label != -100]
+    spans, text = [], ""
+    for i in positions:
+        piece = tokenizer.decode([ids[i]])
+        spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    at = text.rfind(answer)
+    kinds = []
+    for i, (start, end) in zip(positions, spans):
+        if ids[i] == tokenizer.eos_token_id:
+            kinds.append("eos")
+        else:
+            kinds.append("answer" if at >= 0 and start < at + len(answer) and end > at else "other")
+    return kinds
+
+
+def kept_by_gate(probabilities: torch.Tensor, rows: list[dict], tau: float = PROFIT_TAU) -> dict[str, float]:
+    """The share of response tokens with p >= tau (those ProFit trains on), for the answer tokens of the
+    easy and the hard problems and for the other tokens (`probabilities` in `token_probabilities` order)."""
+    groups = [f"{r['split']} answer" if k == "answer" else k for r in rows for k in r["kinds"]]
+    kept = probabilities >= tau
+    return {g: float(kept[[x == g for x in groups]].float().mean()) for g in ("easy answer", "hard answer", "other")}
 
 
 @torch.no_grad()
@@ -128,6 +159,7 @@ def measure(models: dict, tokenizer, metrics: dict[str, dict[str, float]]) -> di
     return {
         "response_token_prob": {n: float(p.mean()) for n, p in probs.items()},
         "response_tokens_above_tau": {n: float((p >= PROFIT_TAU).float().mean()) for n, p in probs.items()},
+        "base_tokens_above_tau_by_kind": kept_by_gate(probs["toy-base"], varied),
         "relative_distance": {
             "instruct-base": relative_distance(w["toy-instruct"], w["toy-base"], w["toy-base"]),
             "thinking-base": relative_distance(w["toy-thinking"], w["toy-base"], w["toy-base"]),
@@ -149,11 +181,13 @@ def premises(m: dict) -> list[Premise]:
     """The premise table: what each premise requires (declared here, before anything is measured) and
     whether the measurement holds it."""
     p, d, easy, hard = m["response_token_prob"], m["relative_distance"], m["easy_em"], m["hard_em"]
+    kind = m["base_tokens_above_tau_by_kind"]
     tokens = m["hard_response_tokens"]
     return [
         Premise("Base gives chat responses real probability (mean response-token p, varied phrasings)",
-                f"Base {p['toy-base']:.3f}, Instruct {p['toy-instruct']:.3f}; "
-                f"Base p >= {PROFIT_TAU} on {m['response_tokens_above_tau']['toy-base']:.0%} of tokens",
+                f"Base {p['toy-base']:.3f}, Instruct {p['toy-instruct']:.3f}; under Base p >= {PROFIT_TAU} "
+                f"for {kind['other']:.0%} of the tokens around the answer, {kind['easy answer']:.0%} / "
+                f"{kind['hard answer']:.0%} of the easy / hard answer tokens",
                 "Base >= 0.2", p["toy-base"] >= 0.2),
         Premise("Instruct and Thinking are light post-trainings of Base (‖W - W_base‖ / ‖W_base‖)",
                 f"Instruct {d['instruct-base']:.3f}, Thinking {d['thinking-base']:.3f}, "

@@ -89,7 +89,7 @@ def evaluate_zoo(names: list[str], limit: int | None = None, json_path: Path | N
             gap["metric_deltas"] = {k: again[k] - metrics[name][k] for k, _ in HEADLINE if k in again and k in metrics[name]}
             out["compare"][name] = gap
         _table("a rebuild on this machine against the shipped entries",
-               ["entry", "bit-identical", "max |dw|", "‖W_rebuilt - W_shipped‖ / ‖W_shipped‖",
+               ["entry", "bit-identical", "largest weight difference", "‖W_rebuilt - W_shipped‖ / ‖W_shipped‖",
                 *(f"d {h}" for _, h in HEADLINE[:2])],
                [[n, "yes" if g["identical"] else "no", f"{g['max_abs_diff']:.2e}", f"{g['relative_distance']:.4f}",
                  *(f"{g['metric_deltas'].get(k, 0):+.3f}" for k, _ in HEADLINE[:2])] for n, g in out["compare"].items()],
