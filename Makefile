@@ -13,7 +13,7 @@ LOCK := requirements.lock
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup setup-latest lock test test-fast run zoo zoo-eval mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs
+.PHONY: setup setup-latest lock test test-fast run zoo zoo-eval effects mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ zoo:  ## rebuild the toy zoo from scratch (into ~/.cache/runner) and compare it 
 
 zoo-eval:  ## measure the shipped toy zoo: the zoo table and the premise table (as in the README)
 	$(BIN)/python -m runner.toy.zoo eval --markdown
+
+EFFECTS_DIR ?= outputs/effects/$(shell date +%Y-%m-%d)
+effects:  ## every claim of the paper family on the shipped zoo, 3 seeds: docs/effects.md and a plot per family (FAMILY=distill for one)
+	$(BIN)/python -m runner.effects --out $(EFFECTS_DIR) $(if $(FAMILY),--family $(FAMILY),) $(EFFECTS_ARGS)
 
 MI_LAMBDAS ?= 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)

@@ -12,6 +12,7 @@ overrides (or per value of the config key ``--by``), into ``report.png``.
     python -m runner.report outputs/multirun/... --metrics 'toy_arith*/exact_match,*/bits_per_byte'
     python -m runner.report outputs/mi_sweep/... --x merge.lam --metrics '*/exact_match,*/think_rate'
     python -m runner.report outputs/quant_sweep/... --x quant/effective_bits --by quant.method
+    python -m runner.report outputs/effects/2026-12-02          # the claims table of `make effects`
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import fnmatch
 import json
 import sys
 from pathlib import Path
+
+from runner import effects
 
 DEFAULT_METRICS = "*/exact_match,*/acc,*/response_tokens,*/think_rate,*/bits_per_byte"
 
@@ -223,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if len(args.paths) == 1 and any(args.paths[0].glob(f"*/{effects.FAMILY_FILE}")):
+        effects.render(args.paths[0], args.out or args.paths[0])  # a `make effects` folder: the claims table
+        return 0
     runs = collect(args.paths)
     if not runs:
         print(f"error: no results.json under {', '.join(map(str, args.paths))}", file=sys.stderr)

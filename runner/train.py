@@ -64,6 +64,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     resumed_from: str | None = None
+    trainable_parameters: int = 0  # what the optimizer updated (LoRA: the adapters only)
     history: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -358,6 +359,7 @@ def train(
         tokens_per_s=(tokens_done - tokens_at_t0) / wall if wall > 0 else 0.0,
         wall_s=wall,
         resumed_from=str(resume_from) if resume_from else None,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         history=history,
     )
 

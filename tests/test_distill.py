@@ -168,6 +168,12 @@ def test_other_distill_recipes_run(compose, tmp_path, recipe):
     assert results["status"] == "completed"
     weights = load_file(tmp_path / recipe / "checkpoint" / "model.safetensors")
     assert not any("lora" in k for k in weights)  # LoRA merged into a plain checkpoint
+    every_weight = sum(w.numel() for k, w in weights.items())  # tied: lm_head is not stored twice
+    trainable = results["train"]["trainable_parameters"]
+    if recipe == "neo_distill":  # the adapters only: rank r times (in + out) per linear layer
+        assert 0 < trainable < every_weight / 2
+    else:
+        assert trainable == every_weight
 
 
 @pytest.mark.parametrize("override,expected", [

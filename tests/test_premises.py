@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,20 @@ def test_response_tokens_are_sorted_into_answer_and_the_rest(toy_tokenizer):
     probs = torch.tensor([0.5 if k == "answer" else 0.05 for r in rows[:2] for k in r["kinds"]])
     kept = premises.kept_by_gate(probs, rows[:2])
     assert kept["other"] == 0.0 and kept["easy answer"] == 1.0
+
+
+def test_response_entropy_by_hand(tiny_llama, toy_tokenizer):
+    model, _ = load_model({"path": str(tiny_llama), "dtype": "float32"})
+    rows = premises.heldout_chats(toy_tokenizer, "instruct")[:3]
+    per_chat = premises.response_entropy(model, rows)
+    assert len(per_chat) == 3
+    with torch.no_grad():  # the first chat by hand: entropy at each position that predicts a response token
+        row = rows[0]
+        logits = model(torch.tensor([row["input_ids"]])).logits[0, :-1]
+        at = [i for i, label in enumerate(row["labels"][1:]) if label != -100]
+        p = logits[at].softmax(-1)
+        assert per_chat[0] == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
+    with torch.no_grad():
+        for w in model.lm_head.parameters():
+            w.zero_()  # tied: every logit 0 -> the uniform distribution
+    assert premises.response_entropy(model, rows[:1])[0] == pytest.approx(math.log(len(toy_tokenizer)), rel=1e-5)

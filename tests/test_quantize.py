@@ -266,6 +266,9 @@ def test_rtn_recipe_quantizes_decoder_linears_only_and_writes_meta(compose, tiny
     assert module["effective_bits"] == 2 + 18 / 16
     assert results["metrics"]["quant/code_bits"] == 2 and results["metrics"]["quant/effective_bits"] == 2 + 18 / 16
     assert results["quant"]["layers"]["1"]["bits"] == 2
+    error_sq = sum(float((new[k] - old[k]).pow(2).sum()) for k in targets)
+    norm_sq = sum(float(old[k].pow(2).sum()) for k in targets)
+    assert results["metrics"]["quant/weight_error"] == pytest.approx((error_sq / norm_sq) ** 0.5, rel=1e-5)
 
 
 def test_group_size_that_does_not_divide_falls_back_to_per_channel(compose, tiny_llama, tmp_path):

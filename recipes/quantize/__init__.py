@@ -19,6 +19,7 @@ and with ``quant.export=compressed_tensors`` a real packed checkpoint in ``packe
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -173,13 +174,15 @@ class Quantize(Recipe):
             grid = {} if q.export != "none" else None
             if grid is not None:
                 kwargs["grid"] = grid
-            w = quantize(module.weight.detach().float().cpu(), bits, g, **kwargs)
+            original = module.weight.detach().float().cpu().clone()  # the copy_ below would overwrite a view
+            w = quantize(original, bits, g, **kwargs)
             module.weight.data.copy_(w.to(module.weight.dtype))
             if grid is not None:  # the export needs the scales and zeros only; it re-derives the codes
                 grids[name] = {"scale": grid["scale"], "zero": grid["zero"]}
             meta[name] = {"layer": layer, "method": q.method,
                           "bits": None if q.method in quantizers.FIXED_CODE else bits, "group_size": g, "sym": q.sym,
                           "params": module.weight.numel(),
+                          "error_sq": float((w - original).pow(2).sum()), "norm_sq": float(original.pow(2).sum()),
                           **quantizers.bit_accounting(q.method, bits, g, module.in_features, q.sym)}
 
         if q.method == "gptq":
@@ -208,7 +211,8 @@ class Quantize(Recipe):
         ctx.log.info("quantized %d modules with %s: %.3f code bits, %.3f effective bits per weight",
                      len(meta), q.method, summary["code_bits"], summary["effective_bits"])
         result = RecipeResult(model=model, tokenizer=tokenizer, extra={"quant": summary},
-            stats={"quant/code_bits": summary["code_bits"], "quant/effective_bits": summary["effective_bits"]})
+            stats={"quant/code_bits": summary["code_bits"], "quant/effective_bits": summary["effective_bits"],
+                   "quant/weight_error": summary["weight_error"]})
         if cfg.save_checkpoint:
             result.checkpoint = ctx.save(model, tokenizer, dtype=cfg.model.dtype,
                                          files={"quant_meta.json": json.dumps(summary, indent=2)})
@@ -257,9 +261,12 @@ def summarize(meta: dict[str, dict], layer_bits: dict[int, int], scores: dict[in
     return {
         "code_bits": sum(m["code_bits"] * m["params"] for m in meta.values()) / total,
         "effective_bits": sum(m["effective_bits"] * m["params"] for m in meta.values()) / total,
+        # ‖W_q - W‖ / ‖W‖ over every quantized weight together (each module's squares are in "modules")
+        "weight_error": math.sqrt(sum(m["error_sq"] for m in meta.values()) / sum(m["norm_sq"] for m in meta.values())),
         "quantized_params": total,
         "layers": per_layer,
         "modules": meta,
-        "note": "code bits: b per weight (PTQTP: log2 9); effective bits add the scale/zero storage per group",
+        "note": "code bits: b per weight (PTQTP: log2 9); effective bits add the scale/zero storage per group; "
+                "weight_error is the relative Frobenius error of the quantized weights (error_sq / norm_sq per module)",
     }
 

@@ -101,6 +101,15 @@ def token_probabilities(model, rows: list[dict]) -> torch.Tensor:
     return torch.cat([lp.gather(1, t[:, None])[:, 0].exp() for lp, t in _response_logprobs(model, rows)])
 
 
+@torch.no_grad()
+def response_entropy(model, rows: list[dict]) -> list[float]:
+    """Per chat, the mean entropy (nats) of the model's next-token distribution over its response tokens
+    (the policy entropy that PSFT keeps and plain SFT collapses)."""
+    per_token = torch.cat([-(lp.exp() * lp).sum(-1) for lp, _ in _response_logprobs(model, rows)])
+    counts = [sum(label != -100 for label in r["labels"][1:]) for r in rows]
+    return [float(chunk.mean()) for chunk in per_token.split(counts)]
+
+
 def chat_loss(model, rows: list[dict]) -> float:
     """Token-mean cross-entropy (nats) over the response tokens."""
     losses = [-lp.gather(1, t[:, None])[:, 0] for lp, t in _response_logprobs(model, rows)]
