@@ -39,8 +39,8 @@ lock:  ## resolve every dependency afresh (newest allowed) in a scratch venv and
 test:  ## the whole test suite (offline)
 	$(BIN)/python -m pytest -q tests
 
-test-fast:  ## the suite without the slow tests (no full measurement of the toy zoo)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+test-fast:  ## the unit tests: no command-line runs (e2e) and no slow tests
+	$(BIN)/python -m pytest -q -m "not slow and not e2e" tests
 
 run:  ## the demo job (override with RECIPE=...)
 	$(BIN)/python -m runner recipe=$(or $(RECIPE),sft)

@@ -13,7 +13,7 @@ from recipes.shadow_ft import PROJECTIONS, graft
 from runner.errors import ConfigError
 from runner.run import run, validate
 from runner.tensorio import TensorSource
-from tests.conftest import make_tiny_model, problems_of
+from tests.conftest import REPO, make_tiny_model, problems_of
 
 
 def tensors_of(folder):
@@ -192,7 +192,7 @@ def test_streamed_graft_holds_far_less_than_its_inputs(tmp_path, toy_tokenizer):
         make_tiny_model(tmp_path / name, toy_tokenizer, "llama", seed, hidden=256, layers=16)
     inputs_mb = sum(f.stat().st_size for f in tmp_path.glob("*/model.safetensors")) / 2**20
     done = subprocess.run([sys.executable, "-c", GRAFT_MEMORY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).resolve().parent.parent)
+                          check=True, cwd=REPO)
     peak_mb = float(done.stdout.strip().splitlines()[-1])
     assert inputs_mb > 100
     print(f"graft peak above imports: {peak_mb:.1f} MB for {inputs_mb:.1f} MB of inputs")

@@ -30,6 +30,7 @@ def launch(config, tmp_path, tiny_llama, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("version", [2, 1])
 def test_fsdp_on_cpu_stops_with_one_clear_error(tmp_path, tiny_llama, version):
     # without the runner's check, accelerate runs fsdp_version 2 on CPU as plain DDP (MULTI_CPU) and

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.e2e  # every test here runs the command line
 
 TINY = ["train.steps=6", "train.batch_size=8", "train.save_every=3", "data.num_examples=200"]
 

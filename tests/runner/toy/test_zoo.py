@@ -9,6 +9,7 @@ import torch
 
 from runner.errors import RunnerError
 from runner.toy import zoo
+from tests.conftest import REPO
 
 MB = 1024 * 1024
 
@@ -79,6 +80,7 @@ def test_fingerprint_follows_profile_and_parent(monkeypatch):
         zoo.entry_dir("toy-base")
 
 
+@pytest.mark.e2e
 def test_build_path_in_the_smoke_profile(tmp_path):
     """`build` trains from scratch into the cache (here with a hundredth of the steps); `ship` refuses it."""
     env = {**os.environ, "RUNNER_TOY_PROFILE": "smoke", "RUNNER_CACHE_DIR": str(tmp_path)}
@@ -115,16 +117,15 @@ def test_zoo_cli_rejects_unknown_entries():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_zoo_eval_prints_the_tables_in_the_readme():
     """The shipped weights are the same everywhere, so their measurement is too: every row that
     `python -m runner.toy.zoo eval --markdown` prints is in the README, word for word."""
-    from pathlib import Path
-
     proc = subprocess.run([sys.executable, "-m", "runner.toy.zoo", "eval", "--markdown"], capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + len(zoo.names()) + 6  # two tables: their headers, the entries, the premises
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     assert [r for r in rows if r not in readme] == []
     assert "| NO |" not in proc.stdout  # every premise holds

@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import CONF_DIR, run_cli
 
+pytestmark = pytest.mark.e2e  # every test here runs the command line
+
 TINY = ["train.steps=4", "train.batch_size=8", "data.num_examples=64", "eval=none"]
 needs_submitit = pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
                                     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")

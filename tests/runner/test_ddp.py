@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.e2e  # every test here runs the command line
 
 COMMON = ["recipe=sft", "train.steps=4", "data.num_examples=128", "eval=none", "train.lr=3e-3"]
 

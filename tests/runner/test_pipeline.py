@@ -135,6 +135,7 @@ def test_a_pipeline_evaluates_nothing_itself(compose, tiny_llama, tmp_path):
     assert any(p.startswith("eval.tasks: a pipeline evaluates nothing itself") for p in problems_of(cfg))
 
 
+@pytest.mark.e2e
 def test_pipeline_from_the_command_line(tmp_path, tiny_llama):
     """Inside a running Hydra app the steps are composed from conf/ too; CLI overrides reach every step."""
     shared = ",".join(f'"{o}"' for o in [f"model.path={tiny_llama}", *TINY_STEPS])
