@@ -8,7 +8,6 @@ from recipes import (  # noqa: F401
     distill,
     merge,
     noise_eval,
-    pipeline,
     quantize,
     sft,
     sft_mask,

@@ -1,6 +1,6 @@
 """``python -m runner recipe=<name> [key=value ...]``: compose the config with Hydra and run one job.
 
-Thin on purpose: the job itself is `runner.run.run(cfg, run_dir)`.
+Thin on purpose: the job itself is `runner.cli.main_job` (a recipe run, or a pipeline of them).
 """
 
 from pathlib import Path
@@ -18,7 +18,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg):
-    from runner.run import main_job
+    from runner.cli import main_job
 
     main_job(cfg)
 

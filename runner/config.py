@@ -153,7 +153,7 @@ class RunConfig:
     noise: Dict[str, Any] = field(default_factory=dict)
     onpolicy: Dict[str, Any] = field(default_factory=dict)
     lora: Dict[str, Any] = field(default_factory=dict)
-    pipeline: Dict[str, Any] = field(default_factory=dict)  # steps of kind=pipeline (recipes/pipeline)
+    pipeline: Dict[str, Any] = field(default_factory=dict)  # steps of kind=pipeline (runner/pipeline.py)
 
 
 def register_configs() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 class RunnerError(Exception):
     """Base class for errors the CLI reports as a message instead of a traceback."""
 
-    extra: dict | None = None  # results a failed recipe still reports; merged into results.json
-
 
 class ConfigError(RunnerError):
     """One or more problems with the composed config, found before any work starts.

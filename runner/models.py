@@ -12,13 +12,12 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from runner import atomic
 from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -179,29 +178,6 @@ def check_same_vocab(tokenizer_a, tokenizer_b, key_a: str, key_b: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_dir(final: Path) -> Path:
-    """A fresh temp folder beside `final`; finish with `commit_dir(tmp, final)`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Replace `final` by `tmp` so readers see the old folder or the new one, never half of one."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def decoder_linears(model) -> list[tuple[str, torch.nn.Linear, int]]:
     """(name, module, layer index) of every nn.Linear inside a decoder layer; lm_head is not one."""
     found = []
@@ -221,8 +197,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: st
     `files` ({name: text}) are written into the folder too, before it appears.
     """
     out_dir = Path(out_dir)
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic.folder(out_dir) as tmp:
         if dtype not in (None, "auto"):
             model = model.to(DTYPES[dtype])
             if state_dict is not None:
@@ -234,8 +209,4 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, max_shard_size: st
             (tmp / name).write_text(text)
         for f in tmp.iterdir():
             f.chmod(0o644)  # save_pretrained writes 0600 weights; checkpoints are meant to be shared
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

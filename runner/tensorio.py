@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from runner import atomic
 from runner.errors import ConfigError
-from runner.models import atomic_dir, commit_dir
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -117,7 +117,7 @@ class ShardedWriter:
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int):
         self.out_dir = Path(out_dir)
-        self.tmp = atomic_dir(self.out_dir)
+        self.tmp = atomic.new_folder(self.out_dir)
         self.max_bytes = max_shard_bytes
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffer_bytes = 0
@@ -161,11 +161,11 @@ class ShardedWriter:
                 (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
             for f in self.tmp.iterdir():
                 f.chmod(0o644)
-            commit_dir(self.tmp, self.out_dir)
+            atomic.commit(self.tmp, self.out_dir)
         except BaseException:
             self.abort()
             raise
         return self.out_dir
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        atomic.discard(self.tmp)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from runner import atomic
 from runner.data import collate, shift_labels
 from runner.errors import ConfigError, TrainingDiverged
 
@@ -189,7 +190,7 @@ def find_last_state(state_root: Path) -> Path | None:
 
 def _save_state(accelerator, state_root: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
     final = state_root / f"step-{step:07d}"
-    tmp = state_root / f".step-{step:07d}.tmp"
+    tmp = state_root / f".step-{step:07d}.tmp"  # one name every process agrees on
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -198,7 +199,7 @@ def _save_state(accelerator, state_root: Path, step: int, trainer_state: dict, k
     if accelerator.is_main_process:
         # trainer_state.json is written last: a folder without it is incomplete and never resumed from.
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        tmp.rename(final)
+        atomic.commit(tmp, final)
         old = sorted(p for p in state_root.iterdir() if _STEP_DIR.match(p.name))
         for p in old[: max(0, len(old) - keep_last)]:
             shutil.rmtree(p, ignore_errors=True)

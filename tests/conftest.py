@@ -42,12 +42,12 @@ def toy_tokenizer():
 
 
 def problems_of(cfg) -> list[str]:
-    """The problems `runner.run.validate` reports for a composed config (it must report some)."""
+    """The problems the job's checks report for a composed config (it must report some)."""
+    from runner.cli import validate_job
     from runner.errors import ConfigError
-    from runner.run import validate
 
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        validate_job(cfg)
     return err.value.problems
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from runner import atomic
 from runner.errors import ConfigError
 from runner.models import DTYPES
 from runner.tensorio import ShardedWriter, TensorSource, parse_size
@@ -143,9 +144,8 @@ class SVDCache:
 
     def put(self, key: str, factors) -> None:
         u, s, vh = factors
-        tmp = self._path(key).with_suffix(".tmp")
-        save_file({"u": u.contiguous(), "s": s.contiguous(), "vh": vh.contiguous()}, str(tmp))
-        tmp.replace(self._path(key))
+        with atomic.file(self._path(key)) as tmp:
+            save_file({"u": u.contiguous(), "s": s.contiguous(), "vh": vh.contiguous()}, str(tmp))
 
 
 def _dtype_name(config: dict) -> str:

@@ -11,7 +11,6 @@ Needs the optional ``compressed-tensors`` package (``pip install -e ".[quant]"``
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ def export_packed(model, tokenizer, grids: dict[str, dict], meta: dict[str, dict
         apply_quantization_config,
     )
 
-    from runner.models import atomic_dir, commit_dir
+    from runner import atomic
 
     groups: dict[tuple, list[str]] = {}
     for name, m in meta.items():
@@ -68,16 +67,11 @@ def export_packed(model, tokenizer, grids: dict[str, dict], meta: dict[str, dict
             module.weight_zero_point.data.copy_(signed.to(module.weight_zero_point.dtype))
     compressor = ModelCompressor.from_pretrained_model(packed, quantization_format="pack-quantized")
     compressor.compress_model(packed)
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic.folder(out_dir) as tmp:
         packed.save_pretrained(tmp)
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

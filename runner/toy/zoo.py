@@ -424,7 +424,7 @@ def build(name: str) -> Path:
 
 
 def _machine() -> dict:
-    from runner.run import versions
+    from runner.results import versions
 
     v = versions()
     return {"machine": platform.machine(), "processor": platform.processor() or None,

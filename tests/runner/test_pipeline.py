@@ -1,4 +1,4 @@
-"""Pipelines (recipes/pipeline): steps chained by checkpoints, checked up front, completed steps reused."""
+"""Pipelines (runner/pipeline.py): steps chained by checkpoints, checked up front, completed steps reused."""
 
 import json
 
@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 import recipes.noise_eval
 import recipes.sft
 from runner.errors import ConfigError, RunnerError
-from runner.run import run
+from runner.pipeline import run_pipeline, validate_pipeline
 from tests.conftest import problems_of, run_cli
 
 # every step: the tiny model, a few training steps, a few eval problems
@@ -49,7 +49,7 @@ def test_steps_feed_checkpoints_and_completed_steps_are_reused(compose, tiny_lla
 
     monkeypatch.setattr(recipes.noise_eval.NoiseEval, "run", broken)
     with pytest.raises(RunnerError, match=r"pipeline.steps\[1\] \(memristor_noise\) failed: noise hardware on fire"):
-        run(cfg, tmp_path / "p1")
+        run_pipeline(cfg, tmp_path / "p1")
     first = json.loads((tmp_path / "p1" / "results.json").read_text())
     assert first["status"] == "failed" and "noise hardware on fire" in first["error"]
     assert [(s["name"], s["status"], s["reused"]) for s in first["steps"]] == [
@@ -64,7 +64,7 @@ def test_steps_feed_checkpoints_and_completed_steps_are_reused(compose, tiny_lla
     stamp = sft_results.stat().st_mtime_ns
 
     # 2. run again: the completed sft step is reused, the failed step runs on its checkpoint
-    second = run(cfg, tmp_path / "p2")
+    second = run_pipeline(cfg, tmp_path / "p2")
     assert counted == {"sft": 1, "noise_eval": 1}
     assert second["status"] == "completed"
     s0, s1 = second["steps"]
@@ -84,7 +84,7 @@ def test_steps_feed_checkpoints_and_completed_steps_are_reused(compose, tiny_lla
 
     # 3. once more: nothing runs, nothing is rewritten
     noise_stamp = noise_results.stat().st_mtime_ns
-    third = run(cfg, tmp_path / "p3")
+    third = run_pipeline(cfg, tmp_path / "p3")
     assert counted == {"sft": 1, "noise_eval": 1}
     assert [s["reused"] for s in third["steps"]] == [True, True]
     assert third["metrics"] == second["metrics"] and not (tmp_path / "p3" / "steps").exists()
@@ -93,10 +93,10 @@ def test_steps_feed_checkpoints_and_completed_steps_are_reused(compose, tiny_lla
     # 4. a changed step runs again, the steps before it do not; reuse=false runs everything
     changed = pipeline_cfg(compose, tiny_llama, tmp_path)
     changed.pipeline.steps[1].overrides = ["noise.sweep=[0,0.1]", "noise.seeds=[1]"]
-    assert [s["reused"] for s in run(changed, tmp_path / "p4")["steps"]] == [True, False]
+    assert [s["reused"] for s in run_pipeline(changed, tmp_path / "p4")["steps"]] == [True, False]
     assert counted == {"sft": 1, "noise_eval": 2}
     fresh = pipeline_cfg(compose, tiny_llama, tmp_path, "pipeline.reuse=false")
-    assert [s["reused"] for s in run(fresh, tmp_path / "p5")["steps"]] == [False, False]
+    assert [s["reused"] for s in run_pipeline(fresh, tmp_path / "p5")["steps"]] == [False, False]
     assert counted == {"sft": 2, "noise_eval": 3}
 
 
@@ -125,7 +125,7 @@ def test_every_step_is_checked_before_any_work(compose, tiny_llama, tmp_path, ch
     cfg.pipeline = block
     assert any(p.startswith(expected) for p in problems_of(cfg)), problems_of(cfg)
     with pytest.raises(ConfigError):
-        run(cfg, tmp_path / "run")
+        run_pipeline(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "steps").exists()  # no step started
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
 
@@ -155,6 +155,18 @@ def test_pipeline_from_the_command_line(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("recipe", ["sft_noise_pipeline", "quant_noise_pipeline", "distill_quant_pipeline"])
 def test_example_pipelines_are_valid(compose, recipe):
-    from runner.run import validate
+    steps = validate_pipeline(compose([f"recipe={recipe}"]))
+    assert len(steps) == 2 and steps[1].feed
 
-    assert type(validate(compose([f"recipe={recipe}"]))).__name__ == "Pipeline"
+
+def test_runner_core_does_not_import_the_pipeline():
+    """The pipeline calls the job function, never the other way round: no import circle."""
+    import ast
+
+    from tests.conftest import REPO
+
+    for module in ("run", "recipe", "config", "train", "evaluate", "models", "data"):
+        tree = ast.parse((REPO / "runner" / f"{module}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m and m.startswith(("runner.pipeline", "recipes")) for m in imported), module

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 import recipes.sft
 from runner.errors import ConfigError
-from runner.run import fingerprint, run
+from runner.resume import fingerprint
+from runner.run import run
 
 TINY = ["train.steps=6", "train.save_every=3", "train.batch_size=8", "train.log_every=1", "data.num_examples=200",
         "eval=none"]

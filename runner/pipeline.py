@@ -8,7 +8,8 @@ name: <folder label>}``. A step's config is composed from conf/ as ``python -m r
 previous step's checkpoint goes into its `feed` role (``model``, ``student``, ``base``, ``models[1]``...).
 Every step is composed and validated before the first one starts. Steps run through `runner.run.run`
 in ``<run_dir>/steps/<i>-<name>/``, each with its own results.json; the pipeline's results.json lists
-them under ``steps`` and takes the last step's checkpoint and metrics as its own.
+them under ``steps`` and takes the last step's checkpoint and metrics as its own. A pipeline is job
+orchestration, not a recipe: `runner.cli` runs it with `run_pipeline` (``kind: pipeline``).
 
 A step whose exact config (eval included; output_root and train.resume aside) has already completed
 under the same output_root, in an earlier pipeline or as a plain run, is reused instead of run again
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +30,15 @@ from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner import registry
+from runner import registry, results
 from runner.compose import compose_job, composition_error, recipe_names
 from runner.config import (
     ROLES,
+    RunConfig,
+    check_fields,
+    check_roles,
+    check_top_level,
+    check_unused_blocks,
     checked_blocks,
     method_block,
     raise_if,
@@ -39,8 +46,12 @@ from runner.config import (
     unknown_keys,
 )
 from runner.errors import ConfigError, RunnerError
-from runner.recipe import Recipe, RecipeResult, RunContext
-from runner.registry import did_you_mean, register
+from runner.recipe import Recipe
+from runner.registry import did_you_mean
+from runner.resume import find_completed
+from runner.run import import_components, run, validate
+
+log = logging.getLogger("runner")
 
 STEP_KEYS = ("recipe", "overrides", "feed", "name")
 _LIST_ROLE = re.compile(r"models\[(\d+)\]")
@@ -66,9 +77,11 @@ class Step:
 
 
 class PipelineStepFailed(RunnerError):
-    def __init__(self, message: str, steps: list[dict]):
+    """A step failed; the steps before it completed (and are reused when the same config runs again)."""
+
+    def __init__(self, message: str, step_dir: Path):
         super().__init__(message)
-        self.extra = {"steps": steps}
+        self.step_dir = step_dir
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +90,11 @@ class PipelineStepFailed(RunnerError):
 
 def plan(cfg: DictConfig) -> tuple[list[Step], list[str]]:
     """The steps of a pipeline config, composed and validated, and every problem found."""
-    blocks, problems = checked_blocks(cfg, ("pipeline", PipelineConfig))
+    import_components(list(cfg.plugins))
+    problems = check_top_level(cfg) + check_fields(cfg, RunConfig, "")
+    problems += check_roles(cfg, (), (), "pipeline") + check_unused_blocks(cfg, ("pipeline",), "pipeline")
+    blocks, block_problems = checked_blocks(cfg, ("pipeline", PipelineConfig))
+    problems += block_problems
     if not blocks:
         return [], problems
     (p,) = blocks
@@ -110,8 +127,6 @@ def plan(cfg: DictConfig) -> tuple[list[Step], list[str]]:
 
 def _plan_step(i: int, raw: Any, shared: list[str], cfg: DictConfig) -> tuple[Step | None, list[str], str | None]:
     """(the step, its problems, the message when pipeline.overrides itself fails to compose)."""
-    from runner.run import validate
-
     key = f"pipeline.steps[{i}]"
     if not isinstance(raw, dict):
         return None, [f"{key}: {raw!r} is not a step; write {{recipe: <named recipe>, overrides: [...], feed: <role>}}"], None
@@ -220,61 +235,87 @@ def _open(cfg: DictConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# The recipe
+# Running
 
 
-@register("recipe", "pipeline")
-class Pipeline(Recipe):
-    blocks = ("pipeline",)
+def validate_pipeline(cfg: DictConfig) -> list[Step]:
+    """The planned steps; one ConfigError listing every problem of the pipeline and its steps."""
+    steps, problems = plan(cfg)
+    raise_if(problems)
+    return steps
 
-    def validate(self, cfg: DictConfig) -> list[str]:
-        return plan(cfg)[1]
 
-    def writes_checkpoint(self, cfg: DictConfig) -> bool:
-        return False  # pipelines do not nest
-
-    def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
-        from runner.run import RESULTS, find_completed
-        from runner.run import run as run_job
-
-        steps, problems = plan(cfg)
-        raise_if(problems)
+def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Plan every step, then run them in order; returns the pipeline's record (also its results.json)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = results.new_record(cfg, run_dir)
+    record["steps"] = []
+    t_start = time.perf_counter()
+    main = True
+    try:
+        steps = validate_pipeline(cfg)
         reuse = method_block(cfg, "pipeline", PipelineConfig).reuse
-        main = ctx.is_main_process  # asked once: each step resets accelerate's state
-        records: list[dict] = []
+        main = _is_main_process()
         checkpoint = None
         for step in steps:
             if step.feed:
                 set_feed(step.cfg, step.feed, checkpoint)
-            found = find_completed(step.cfg) if reuse else None
-            _barrier()  # every process decides before any starts the step (the step writes what decided it)
-            where = f"pipeline step {step.index + 1}/{len(steps)} ({step.label})"
-            if found is not None:
-                ctx.log.info("%s: reusing the completed run %s", where, found["run_dir"])
-                results, reused = found, True
-            else:
-                step_dir = ctx.run_dir / "steps" / step.label
-                ctx.log.info("%s: running in %s", where, step_dir)
-                if main:
-                    _write_hydra_files(step, step_dir)
-                try:
-                    with _step_log(step_dir):
-                        results = run_job(step.cfg, step_dir)
-                except RunnerError as exc:
-                    failed = _read_json(step_dir / RESULTS) or {"status": "failed", "error": str(exc)}
-                    records.append(_record(step, failed, reused=False))
-                    raise PipelineStepFailed(
-                        f"pipeline.steps[{step.index}] ({step.recipe}) failed: {exc}\n(run folder {step_dir}; "
-                        "the steps before it completed and are reused when this config runs again)", records) from exc
-                reused = False
-            records.append(_record(step, results, reused))
-            checkpoint = results.get("checkpoint")
-        last = records[-1]
-        return RecipeResult(checkpoint=Path(last["checkpoint"]) if last["checkpoint"] else None,
-                            metrics=dict(last["metrics"]), extra={"steps": records})
+            try:
+                step_record, reused = _run_step(step, len(steps), run_dir, reuse, main)
+            except PipelineStepFailed as exc:
+                failed = results.read(exc.step_dir) or {"status": "failed", "error": str(exc.__cause__)}
+                record["steps"].append(_record(step, failed, reused=False))
+                raise
+            record["steps"].append(_record(step, step_record, reused))
+            checkpoint = step_record.get("checkpoint")
+        last = record["steps"][-1]
+        record.update(status="completed", checkpoint=last["checkpoint"], metrics=dict(last["metrics"]))
+        if main:
+            results.print_summary(cfg, record)
+        return record
+    except KeyboardInterrupt:
+        record.update(status="interrupted", error="interrupted (KeyboardInterrupt)")
+        raise
+    except RunnerError as exc:
+        record.update(status="failed", error=str(exc))
+        raise
+    except BaseException as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        record["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        record["finished_at"] = results.now()
+        if main:
+            results.write(run_dir, record)
 
 
-def _record(step: Step, results: dict, reused: bool) -> dict:
+def _run_step(step: Step, n: int, run_dir: Path, reuse: bool, main: bool) -> tuple[dict, bool]:
+    """(the step's record, whether it was reused); raises PipelineStepFailed naming the step."""
+    found = find_completed(step.cfg) if reuse else None
+    _barrier()  # every process decides before any starts the step (the step writes what decided it)
+    where = f"pipeline step {step.index + 1}/{n} ({step.label})"
+    if found is not None:
+        log.info("%s: reusing the completed run %s", where, found["run_dir"])
+        return found, True
+    step_dir = run_dir / "steps" / step.label
+    log.info("%s: running in %s", where, step_dir)
+    if main:
+        _write_hydra_files(step, step_dir)
+    try:
+        with _step_log(step_dir):
+            return run(step.cfg, step_dir), False
+    except RunnerError as exc:
+        raise PipelineStepFailed(
+            f"pipeline.steps[{step.index}] ({step.recipe}) failed: {exc}\n(run folder {step_dir}; "
+            "the steps before it completed and are reused when this config runs again)", step_dir) from exc
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _record(step: Step, record: dict, reused: bool) -> dict:
     """What the pipeline's results.json says about one step."""
     return {
         "step": step.index,
@@ -283,14 +324,14 @@ def _record(step: Step, results: dict, reused: bool) -> dict:
         "kind": step.cfg.kind,
         "feed": step.feed,
         "overrides": step.overrides,
-        "status": results.get("status"),
+        "status": record.get("status"),
         "reused": reused,
-        "error": results.get("error"),
-        "run_dir": results.get("run_dir"),
-        "checkpoint": results.get("checkpoint"),
-        "metrics": results.get("metrics") or {},
-        "baseline_metrics": results.get("baseline_metrics") or {},
-        "train": results.get("train"),
+        "error": record.get("error"),
+        "run_dir": record.get("run_dir"),
+        "checkpoint": record.get("checkpoint"),
+        "metrics": record.get("metrics") or {},
+        "baseline_metrics": record.get("baseline_metrics") or {},
+        "train": record.get("train"),
     }
 
 
@@ -331,12 +372,3 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

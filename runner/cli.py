@@ -1,0 +1,85 @@
+"""The body of ``python -m runner``: one job in Hydra's output folder, errors without a traceback.
+
+A config of ``kind: pipeline`` runs through `runner.pipeline`, any other through `runner.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from runner.errors import ConfigError, RunnerError
+
+log = logging.getLogger("runner")
+
+
+def validate_job(cfg: DictConfig) -> Any:
+    """Every check a job makes before any work (the recipe, or a pipeline's planned steps); raises
+    one ConfigError listing every problem."""
+    if cfg.get("kind") == "pipeline":
+        from runner.pipeline import validate_pipeline
+
+        return validate_pipeline(cfg)
+    from runner.run import validate
+
+    return validate(cfg)
+
+
+def run_job(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """A recipe run or a pipeline, by the config's kind; returns the job's record."""
+    if cfg.get("kind") == "pipeline":
+        from runner.pipeline import run_pipeline
+
+        return run_pipeline(cfg, run_dir)
+    from runner.run import run
+
+    return run(cfg, run_dir)
+
+
+def main_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """The Hydra task function's body."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    quiet_libraries()
+    try:
+        return run_job(cfg, hydra_cfg.runtime.output_dir)
+    except RunnerError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        if multirun:
+            return None  # the sweep goes on; its summary reports this job as failed
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def _not_custom_kwargs_note(record: logging.LogRecord) -> bool:
+    # lm-eval warns on every task with a custom dataset loader, which every toy task has
+    return "Custom kwargs" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Keep the console to the runner's own lines: library progress bars and INFO chatter off."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    for name in ("lm_eval", "lm-eval", "datasets", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    task_log = logging.getLogger("lm_eval.api.task")
+    if _not_custom_kwargs_note not in task_log.filters:
+        task_log.addFilter(_not_custom_kwargs_note)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:
+        pass
