@@ -46,11 +46,11 @@ run:  ## the demo job (override with RECIPE=...)
 	$(BIN)/python -m runner recipe=$(or $(RECIPE),sft)
 
 zoo:  ## rebuild the toy zoo from scratch (into ~/.cache/runner) and compare it with the shipped entries
-	$(BIN)/python -m runner.toy.zoo build all
-	$(BIN)/python -m runner.toy.zoo eval --compare
+	$(BIN)/python -m runner.toy build all
+	$(BIN)/python -m runner.toy eval --compare
 
 zoo-eval:  ## measure the shipped toy zoo: the zoo table and the premise table (as in the README)
-	$(BIN)/python -m runner.toy.zoo eval --markdown
+	$(BIN)/python -m runner.toy eval --markdown
 
 EFFECTS_DIR ?= outputs/effects/$(shell date +%Y-%m-%d)
 effects:  ## every claim of the paper family on the shipped zoo, 3 seeds: docs/effects.md and a plot per family (FAMILY=distill for one)

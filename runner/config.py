@@ -45,7 +45,7 @@ class DataFields:
 
 @dataclass
 class DataConfig:
-    source: str = field(default="toy", metadata=bounds(choices=("toy", "jsonl", "hub")))
+    source: str = "toy"  # a registered data source (toy), jsonl or hub; checked by runner.data
     # toy world
     format: str = "instruct"  # plain | instruct | thinking
     difficulty: str = "mixed"  # easy | hard | mixed

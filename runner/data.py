@@ -26,7 +26,13 @@ from runner.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-SOURCES = ("toy", "jsonl", "hub")
+FILE_SOURCES = ("jsonl", "hub")  # beside these, the data sources registered through the hook (toy)
+
+
+def sources() -> list[str]:
+    from runner import registry
+
+    return [*registry.names("data_source"), *FILE_SOURCES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,17 +41,15 @@ SOURCES = ("toy", "jsonl", "hub")
 
 def check_data_spec(data: Any, key: str = "data") -> list[str]:
     """Problems with a data block beyond its field ranges (those are checked by `runner.config`)."""
-    from runner.toy.tasks import DIFFICULTIES, FORMATS
+    from runner import registry
 
     problems = []
     source = data.source
-    if source not in SOURCES:
-        return [f"{key}.source: {source!r} is not allowed; choose one of {', '.join(SOURCES)}"]
-    if source == "toy":
-        if data.format not in FORMATS:
-            problems.append(f"{key}.format: {data.format!r} is not allowed; choose one of {', '.join(FORMATS)}")
-        if data.difficulty not in DIFFICULTIES:
-            problems.append(f"{key}.difficulty: {data.difficulty!r} is not allowed; choose one of {', '.join(DIFFICULTIES)}")
+    if source not in sources():
+        return [f"{key}.source: {source!r} is not allowed.{registry.did_you_mean(source, sources())} "
+                f"Choose one of {', '.join(sources())}"]
+    if source not in FILE_SOURCES:
+        problems += registry.get("data_source", source).check(data, key)
     elif source == "jsonl":
         if not data.path:
             problems.append(f"{key}.path: missing; give the JSONL file to train on")
@@ -120,12 +124,10 @@ def _shape_problem(record: Any, data: Any) -> str | None:
 
 def load_records(data: Any) -> list[dict]:
     """Raw records in one of the three shapes, capped at `data.num_examples`."""
-    if data.source == "toy":
-        from runner.toy.tasks import TaskSpec, make_examples
+    if data.source not in FILE_SOURCES:
+        from runner import registry
 
-        n = data.num_examples or 20000
-        return make_examples(TaskSpec(), data.format, data.difficulty, n, data.seed, data.variation,
-                             data.question_style)
+        return registry.get("data_source", data.source).load(data)
     if data.source == "jsonl":
         with Path(data.path).expanduser().open() as f:
             rows = [json.loads(line) for line in f if line.strip()]

@@ -187,23 +187,24 @@ class Sample:
     items: dict[str, float] | None  # "<task>:<doc_id>" -> score; None where no per-problem record exists
 
 
-def _tokenizer():
-    from runner.models import load_tokenizer
-    from runner.toy.zoo import ensure
-
-    if "tok" not in _cache:
-        _cache["tok"] = load_tokenizer(str(ensure("toy-base")))
-    return _cache["tok"]
+_tokenizers: dict[str, object] = {}
 
 
-_cache: dict = {}
+def _run_tokenizer(run_dir: Path):
+    """The tokenizer of the model a run evaluated: its checkpoint's, else its model role's."""
+    from runner.models import load_tokenizer, resolve_model_path
+
+    record = json.loads((run_dir / "results.json").read_text())
+    path = record.get("checkpoint") or resolve_model_path(record["config"]["model"])
+    if path not in _tokenizers:
+        _tokenizers[path] = load_tokenizer(path)
+    return _tokenizers[path]
 
 
-def _item_scores(samples_file: Path, metric: str) -> dict[str, float] | None:
+def _item_scores(samples_file: Path, metric: str, run_dir: Path) -> dict[str, float] | None:
     """Per-problem scores of one task from lm-eval's logged samples (the runner's response_tokens and
     think_rate recomputed from the logged responses, as the eval stage computes them)."""
-    from runner.evaluate import _responses
-    from runner.toy.tasks import THINK_OPEN
+    from runner.evaluate import THINK_OPEN, _responses
 
     if not samples_file.is_file():
         return None
@@ -218,30 +219,32 @@ def _item_scores(samples_file: Path, metric: str) -> dict[str, float] | None:
             if metric == "think_rate":
                 value = sum(THINK_OPEN in r for r in responses) / len(responses)
             else:
-                value = sum(len(i) for i in _tokenizer()(responses, add_special_tokens=False).input_ids) / len(responses)
+                ids = _run_tokenizer(run_dir)(responses, add_special_tokens=False).input_ids
+                value = sum(len(i) for i in ids) / len(responses)
         else:
             return None
         scores[f"{task}:{s['doc_id']}"] = value
     return scores
 
 
-def _entropy_sample(run_dir: Path) -> Sample:
-    """Mean response-token entropy of the run's checkpoint on the held-out chats, per chat."""
+def _checkpoint_metric(run_dir: Path, key: str) -> Sample:
+    """A metric computed from the run's checkpoint by a registered ``checkpoint_metric`` (per item)."""
+    from runner import registry
     from runner.models import load_model
-    from runner.toy import premises
 
-    results = json.loads((run_dir / "results.json").read_text())
-    model, tok = load_model({"path": results["checkpoint"], "dtype": "float32"})
-    per_chat = premises.response_entropy(model, premises.heldout_chats(tok, "instruct", variation=0.5))
-    items = {f"heldout:{i}": v for i, v in enumerate(per_chat)}
-    return Sample(sum(per_chat) / len(per_chat), items)
+    record = json.loads((run_dir / "results.json").read_text())
+    model, tokenizer = load_model({"path": record["checkpoint"], "dtype": "float32"})
+    per_item = registry.get("checkpoint_metric", key)(model, tokenizer)
+    return Sample(sum(per_item) / len(per_item), {f"{key}:{i}": v for i, v in enumerate(per_item)})
 
 
 def samples(run_dirs_: list[Path], key: str, baseline: bool = False) -> list[Sample]:
     """One Sample per seed for a result key: ``task/metric``, ``task/metric@param=value`` (a noise-eval
-    curve), ``heldout/response_entropy`` (computed from the checkpoint) or ``train/<field>``."""
-    if key == "heldout/response_entropy":
-        return [_entropy_sample(d) for d in run_dirs_]
+    curve), ``train/<field>``, or a registered ``checkpoint_metric`` (computed from the checkpoint)."""
+    from runner import registry
+
+    if key in registry.names("checkpoint_metric"):
+        return [_checkpoint_metric(d, key) for d in run_dirs_]
     if key.startswith("train/"):  # the training record, e.g. train/trainable_parameters
         return [Sample(float(json.loads((d / "results.json").read_text())["train"][key[6:]]), None) for d in run_dirs_]
     task, metric = key.split("/", 1)
@@ -256,13 +259,13 @@ def samples(run_dirs_: list[Path], key: str, baseline: bool = False) -> list[Sam
             value = point.split("=", 1)[1]
             trials = [t for t in results["noise"]["trials"] if math.isclose(t["value"], float(value))]
             for t in trials:
-                items = _item_scores(d / "eval" / point / f"seed{t['seed']}" / f"samples_{task}.jsonl", metric)
+                items = _item_scores(d / "eval" / point / f"seed{t['seed']}" / f"samples_{task}.jsonl", metric, d)
                 out.append(Sample(t["metrics"][f"{task}/{metric}"], items))
             continue
         metrics = results["baseline_metrics" if baseline else "metrics"]
         if key not in metrics:
             raise ConfigError(f"{d}: no metric {key!r} in results.json")
-        items = _item_scores(d / "eval" / ("baseline" if baseline else "final") / f"samples_{task}.jsonl", metric)
+        items = _item_scores(d / "eval" / ("baseline" if baseline else "final") / f"samples_{task}.jsonl", metric, d)
         out.append(Sample(metrics[key], items))
     return out
 

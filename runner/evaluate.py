@@ -1,8 +1,9 @@
 """The benchmark stage: lm-eval in process, on the model object a recipe produced.
 
-Toy tasks ship inside the package (`runner/toy/lm_tasks`) and resolve from any working directory.
-Any other task name is looked up in the folders of ``eval.include_path`` and then in lm-eval's own
-registry (indexing that registry takes about ten seconds, so it is only built when needed).
+Task folders plugged in through the ``task_dir`` hook (the toy world's `runner/toy/lm_tasks`) resolve
+from any working directory. Any other task name is looked up in the folders of ``eval.include_path``
+and then in lm-eval's own registry (indexing that registry takes about ten seconds, so it is only
+built when needed).
 
 Metrics are flattened to ``{"<task>/<metric>": float}`` (a filter other than ``none`` is appended
 as ``<metric>@<filter>``). For generation tasks the stage also reports, from the logged samples,
@@ -24,7 +25,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TOY_TASK_DIR = Path(__file__).resolve().parent / "toy" / "lm_tasks"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # a reasoning block, as Qwen3's template and the toy world write it
 _TASK_LINE = re.compile(r"^(?:task|group):\s*([\w\-.]+)\s*$", re.M)
 
 
@@ -42,12 +43,19 @@ def _task_names_in(folder: Path) -> set[str]:
     return found
 
 
-def toy_task_names() -> list[str]:
-    return sorted(_task_names_in(TOY_TASK_DIR))
+def _task_dirs() -> list[Path]:
+    from runner import registry
+
+    return list(registry.entries("task_dir").values())
+
+
+def shipped_task_names() -> list[str]:
+    """The tasks in the folders plugged in through the task_dir hook (the toy world's)."""
+    return sorted(set().union(*(_task_names_in(d) for d in _task_dirs())))
 
 
 def _include_paths(ev: Any) -> list[str]:
-    return [str(TOY_TASK_DIR)] + [str(Path(p).expanduser().resolve()) for p in ev.include_path]
+    return [str(d) for d in _task_dirs()] + [str(Path(p).expanduser().resolve()) for p in ev.include_path]
 
 
 def check_eval_spec(ev: Any, key: str = "eval") -> list[str]:
@@ -57,7 +65,7 @@ def check_eval_spec(ev: Any, key: str = "eval") -> list[str]:
     problems = [f"{key}.include_path: folder {p!r} not found" for p in ev.include_path if not Path(p).expanduser().is_dir()]
     if problems or not ev.tasks:
         return problems
-    local = set(toy_task_names())
+    local = set(shipped_task_names())
     for p in ev.include_path:
         local |= _task_names_in(Path(p).expanduser())
     unknown = [t for t in ev.tasks if t not in local]
@@ -65,7 +73,7 @@ def check_eval_spec(ev: Any, key: str = "eval") -> list[str]:
         known = local | set(_builtin_task_manager(ev).all_tasks)
         for t in unknown:
             if t not in known:
-                problems.append(f"{key}.tasks: unknown task {t!r}.{did_you_mean(t, known)} Toy tasks: {', '.join(sorted(local))}")
+                problems.append(f"{key}.tasks: unknown task {t!r}.{did_you_mean(t, known)} Shipped tasks: {', '.join(sorted(local))}")
     return problems
 
 
@@ -85,7 +93,7 @@ def _builtin_task_manager(ev: Any):
 def _task_manager(ev: Any):
     from lm_eval.tasks import TaskManager
 
-    local = set(toy_task_names())
+    local = set(shipped_task_names())
     for p in ev.include_path:
         local |= _task_names_in(Path(p).expanduser())
     if all(t in local for t in ev.tasks):
@@ -122,8 +130,6 @@ def _responses(sample: dict) -> list[str]:
 
 def response_stats(samples: list[dict], tokenizer) -> dict[str, float]:
     """Mean response length in tokens and the share of responses with a think block, over all responses."""
-    from runner.toy.tasks import THINK_OPEN
-
     responses = [r for s in samples for r in _responses(s)]
     if not responses:
         return {}

@@ -1,9 +1,10 @@
 """Loading and saving Hugging Face causal LMs.
 
-A model spec (``{path, dtype, trust_remote_code, revision}``) names a toy zoo entry, a local folder
-or a hub id. `check_model_spec` finds every problem with a spec without loading weights, so a run
-can refuse bad input before any work; `load_model` then loads it; `save_checkpoint` writes an HF
-folder (safetensors, tokenizer, generation config) atomically.
+A model spec (``{path, dtype, trust_remote_code, revision}``) names a model a source provides (the
+toy zoo's entries, through the ``model_source`` hook), a local folder or a hub id. `check_model_spec`
+finds every problem with a spec without loading weights, so a run can refuse bad input before any
+work; `load_model` then loads it; `save_checkpoint` writes an HF folder (safetensors, tokenizer,
+generation config) atomically.
 """
 
 from __future__ import annotations
@@ -44,13 +45,29 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
 
 
+def _sources() -> dict:
+    from runner import registry
+
+    return registry.entries("model_source")
+
+
+def _source_of(path: str):
+    """The model source that provides `path` as one of its names, or None."""
+    return next((src for src in _sources().values() if path in src.names()), None)
+
+
+def _what_a_path_is() -> str:
+    named = [f"{src.label} ({', '.join(src.names())})" for src in _sources().values()]
+    return ", ".join(["a folder", *named]) + " or a hub id"
+
+
 def check_model_spec(spec: Any, key: str) -> list[str]:
     """Problems with a model spec, each naming `key`; empty when it can be loaded.
 
-    Cheap: reads config.json and safetensors headers, never weights. Toy zoo names always pass
-    (they are built on demand).
+    Cheap: reads config.json and safetensors headers, never weights. Names a model source provides
+    (the toy zoo's) always pass: the source builds or converts them on first use.
     """
-    from runner.toy import zoo
+    from runner.registry import did_you_mean
 
     problems = []
     path = _spec_get(spec, "path")
@@ -58,18 +75,17 @@ def check_model_spec(spec: Any, key: str) -> list[str]:
     if dtype not in DTYPE_CHOICES:
         problems.append(f"{key}.dtype: {dtype!r} is not allowed; choose one of {', '.join(DTYPE_CHOICES)}")
     if not path:
-        return problems + [f"{key}.path: missing; give a toy zoo name ({', '.join(zoo.names())}), a local folder or a hub id"]
+        return problems + [f"{key}.path: missing; give {_what_a_path_is()}"]
     path = str(path)
-    if zoo.is_zoo_name(path):
+    if _source_of(path) is not None:
         return problems
     local = Path(path).expanduser()
     if local.exists():
         return problems + check_model_folder(local, key)
-    hint = zoo.did_you_mean(path)
+    # a near miss of a source's name is a typo, not a hub id (hub ids of that shape have a slash)
+    hint = "" if "/" in path else did_you_mean(path, [n for src in _sources().values() for n in src.names()])
     if _looks_local(path) or not _HUB_ID.match(path) or hint:
-        return problems + [
-            f"{key}.path: {path!r} is not a folder, a toy zoo name ({', '.join(zoo.names())}) or a hub id.{hint}"
-        ]
+        return problems + [f"{key}.path: {path!r} is not {_what_a_path_is()}.{hint}"]
     if hub_offline() and not _hub_cached(path, _spec_get(spec, "revision")):
         problems.append(
             f"{key}.path: {path!r} looks like a hub id, but the hub is offline (HF_HUB_OFFLINE=1) and no cached "
@@ -123,12 +139,11 @@ def check_model_folder(folder: Path, key: str) -> list[str]:
 
 
 def resolve_model_path(spec: Any) -> str:
-    """A loadable path: the built folder of a toy zoo entry, a local folder, or the hub id."""
-    from runner.toy import zoo
-
+    """A loadable path: the folder a model source gives for its name, a local folder, or the hub id."""
     path = str(_spec_get(spec, "path"))
-    if zoo.is_zoo_name(path):
-        return str(zoo.ensure(path))
+    source = _source_of(path)
+    if source is not None:
+        return str(source.resolve(path))
     local = Path(path).expanduser()
     return str(local.resolve()) if local.exists() else path
 

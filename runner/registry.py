@@ -25,12 +25,20 @@ merge_method       ``merge(tensors, base, **params) -> Tensor`` (fp32 in and out
 quantizer          ``quantize(weight, bits, group_size, **params) -> Tensor``
 bit_allocator      ``allocate(layers, avg_bits, choices, **params) -> {layer: bits}``
 noise_model        ``perturb(weight, generator, **params) -> Tensor``
+model_source       object with ``names()``, ``resolve(name) -> folder``, ``label``
+data_source        object with ``check(data, key) -> problems``, ``load(data) -> records``
+task_dir           a folder of lm-eval task YAMLs, searched by the eval stage
+checkpoint_metric  ``metric(model, tokenizer) -> [score per item]``, for the effects scoreboard
 =================  ===================================================================
+
+The built-in components (the `recipes` package, which also plugs in the toy world) are imported on
+the first lookup, so every name is known wherever the registry is asked.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -45,15 +53,34 @@ KINDS = (
     "quantizer",
     "bit_allocator",
     "noise_model",
+    "model_source",
+    "data_source",
+    "task_dir",
+    "checkpoint_metric",
 )
+BUILTINS = "recipes"  # importing it registers every built-in recipe, component and source
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+_builtins_loaded = False
+
+
+def load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        importlib.import_module(BUILTINS)
 
 
 def _check_kind(kind: str) -> dict[str, Any]:
     if kind not in _REGISTRY:
         raise ValueError(f"unknown registry kind {kind!r}; kinds are: {', '.join(KINDS)}")
     return _REGISTRY[kind]
+
+
+def _table(kind: str) -> dict[str, Any]:
+    """The entries of a kind, built-ins included."""
+    load_builtins()
+    return _check_kind(kind)
 
 
 def register(kind: str, name: str | None = None, *, aliases: Iterable[str] = ()) -> Callable:
@@ -77,7 +104,12 @@ def _describe(obj: Any) -> str:
 
 def names(kind: str) -> list[str]:
     """Registered names of a kind, sorted."""
-    return sorted(_check_kind(kind))
+    return sorted(_table(kind))
+
+
+def entries(kind: str) -> dict[str, Any]:
+    """Every registered object of a kind, by name, in registration order."""
+    return dict(_table(kind))
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
@@ -97,13 +129,13 @@ def unknown_name_message(kind: str, name: str, valid: Iterable[str], key: str | 
 
 def check_name(kind: str, name: str, *, key: str) -> list[str]:
     """[] when `name` is registered as `kind`, else the one problem naming `key` (with a did-you-mean)."""
-    table = _check_kind(kind)
+    table = _table(kind)
     return [] if name in table else [unknown_name_message(kind, name, table, key)]
 
 
 def get(kind: str, name: str, *, key: str | None = None) -> Any:
     """The object registered as `name`; a `ConfigError` naming `key` if there is none."""
-    table = _check_kind(kind)
+    table = _table(kind)
     if name not in table:
         raise ConfigError(unknown_name_message(kind, name, table, key))
     return table[name]

@@ -38,8 +38,8 @@ log = logging.getLogger("runner")
 
 
 def import_components(plugins: list[str]) -> None:
-    """Import the `recipes` package (which registers every recipe and component) and user plugins."""
-    importlib.import_module("recipes")
+    """Register the built-in recipes and components, then the user's plugin modules."""
+    registry.load_builtins()
     for name in plugins:
         try:
             importlib.import_module(name)

@@ -33,6 +33,7 @@ from recipes.merge.engine import (
     parse_layers,
 )
 from runner import registry
+from runner.cache import cache_dir
 from runner.config import bounds, checked_blocks, component_params, method_block
 from runner.errors import ConfigError
 from runner.models import resolve_model_path
@@ -160,8 +161,6 @@ class Merge(Recipe):
         selection = Selection(parse_layers(m.layers), tuple(m.modules) if m.modules else None)
         svd_cache = None
         if m.method == "timber":
-            from runner.toy.zoo import cache_dir
-
             svd_cache = SVDCache(cache_dir() / "svd")
         out = ctx.run_dir / "checkpoint"
         if ctx.is_main_process:

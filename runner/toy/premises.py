@@ -1,4 +1,4 @@
-"""The premises the paper family's methods assume, measured on the toy zoo (``python -m runner.toy.zoo eval``).
+"""The premises the paper family's methods assume, measured on the toy zoo (``python -m runner.toy eval``).
 
 Each premise comes from the papers or from measurable properties of the real model pairs they used:
 

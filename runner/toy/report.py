@@ -1,4 +1,4 @@
-"""Measure the toy zoo (``python -m runner.toy.zoo eval``): the zoo table, the premise table and, with
+"""Measure the toy zoo (``python -m runner.toy eval``): the zoo table, the premise table and, with
 ``--compare``, how far a rebuild on this machine lands from the shipped entries."""
 
 from __future__ import annotations

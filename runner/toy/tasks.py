@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from runner.evaluate import THINK_CLOSE, THINK_OPEN
+
 FORMATS = ("plain", "instruct", "thinking")
 DIFFICULTIES = ("easy", "hard", "mixed")
 OPERATORS = ("+", "-", "*")
@@ -35,7 +37,6 @@ OPERATOR_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 QUESTION_STYLES = ("symbols", "words")
 MUL_FACT_SHARE = 0.3  # share of pretraining facts that are products
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(" + re.escape(THINK_CLOSE) + r"|$)", re.S)
 _INTEGER = re.compile(r"-?\d+")
 

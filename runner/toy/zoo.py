@@ -1,7 +1,7 @@
 """The toy zoo: a Base/Instruct/Thinking family and a teacher/student pair, shipped with the package.
 
 Each entry is built from the premises the paper family's methods assume (measured by
-``python -m runner.toy.zoo eval``; see `runner.toy.premises`):
+``python -m runner.toy eval``; see `runner.toy.premises`):
 
 - ``toy-base``: pretrained on plain arithmetic text with some chat-formatted text mixed in (direct
   answers in varied phrasings, and a few worked answers in think blocks), as real base LMs have seen;
@@ -18,7 +18,7 @@ each, a manifest with how each was built and every file's sha256), so every mach
 weights: training is deterministic on one machine, but CPU numerics differ between machines and grow
 through training. A zoo name resolves to its shipped folder when the manifest's fingerprint is the one
 the code below describes (checked, with the sha256s, on first use), and is otherwise built into the
-cache. ``python -m runner.toy.zoo build`` (``make zoo``) rebuilds from scratch into the cache,
+cache. ``python -m runner.toy build`` (``make zoo``) rebuilds from scratch into the cache,
 ``eval --compare`` measures how far that rebuild lands from the shipped entries, and ``ship`` copies
 the cache builds into the package.
 
@@ -28,7 +28,6 @@ Set ``RUNNER_TOY_PROFILE=smoke`` to build with a hundredth of the steps (tests o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from runner.cache import cache_dir
 from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,6 @@ def profile() -> str:
     return value
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RUNNER_CACHE_DIR", Path.home() / ".cache" / "runner")).expanduser()
-
-
 def _stages(entry: Entry) -> tuple[Stage, ...]:
     if profile() == "smoke":
         return tuple(dataclasses.replace(s, steps=max(4, s.steps // 100), num_examples=2000) for s in entry.stages)
@@ -233,7 +229,7 @@ def shipped(name: str) -> Path | None:
         if profile() == "full" and name not in _warned:
             _warned.add(name)
             log.warning("the shipped %s was built from another zoo recipe (fingerprint %s, the code's is %s); "
-                        "building it instead. `python -m runner.toy.zoo ship` refreshes the shipped copy",
+                        "building it instead. `python -m runner.toy ship` refreshes the shipped copy",
                         name, record["fingerprint"], fingerprint(name))
         return None
     return _verified(name, record["fingerprint"])
@@ -258,7 +254,7 @@ def ship(names_: list[str]) -> None:
     if profile() != "full":
         raise RunnerError("only full-profile builds are shipped; unset RUNNER_TOY_PROFILE")
     manifest = read_manifest()
-    manifest.update({"zoo_version": ZOO_VERSION, "note": "written by `python -m runner.toy.zoo ship`; "
+    manifest.update({"zoo_version": ZOO_VERSION, "note": "written by `python -m runner.toy ship`; "
                      "the sha256 of every file is checked when an entry is first used"})
     for name in names_:
         src = build(name)
@@ -309,7 +305,7 @@ def ensure_built(name: str) -> Path:
         log.info("building toy zoo entry %s (cached at %s)", name, path)
         # A fresh process: no accelerate or torch.distributed state leaks either way.
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-        proc = subprocess.run([sys.executable, "-m", "runner.toy.zoo", "build", name], env=env)
+        proc = subprocess.run([sys.executable, "-m", "runner.toy", "build", name], env=env)
         if proc.returncode != 0 or not path.is_dir():
             raise RunnerError(f"building toy zoo entry {name!r} failed (exit code {proc.returncode}); see the output above")
     return path
@@ -431,59 +427,7 @@ def _machine() -> dict:
             "torch": v.get("torch"), "transformers": v.get("transformers"), "python": v.get("python")}
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
+if __name__ == "__main__":  # `python -m runner.toy.zoo ...`, as DESIGN.md spells it, is `python -m runner.toy ...`
+    from runner.toy.__main__ import main
 
-
-def _cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner.toy.zoo", description="Build, ship and measure the toy zoo.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="train entries from scratch into the cache (skips those already built)")
-    b.add_argument("names", nargs="*", default=["all"])
-    s = sub.add_parser("ship", help="build entries into the cache, then copy them into the package with the manifest")
-    s.add_argument("names", nargs="*", default=["all"])
-    e = sub.add_parser("eval", help="measure the entries on the toy tasks and print the zoo and premise tables")
-    e.add_argument("names", nargs="*", default=["all"])
-    e.add_argument("--limit", type=int, default=None, help="problems per task (default: all 300)")
-    e.add_argument("--json", type=Path, default=None, help="also write the measurements here")
-    e.add_argument("--compare", action="store_true",
-                   help="also rebuild the entries on this machine and report how far they land from the shipped ones")
-    e.add_argument("--markdown", action="store_true", help="print the tables as markdown (as in the README)")
-    sub.add_parser("list", help="entries, where each resolves to, and whether a cache build exists")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-    selected = names() if "all" in getattr(args, "names", []) else getattr(args, "names", [])
-    unknown = [n for n in selected if n not in ZOO]
-    if unknown:
-        print(f"error: unknown zoo entries {unknown}; entries are {', '.join(names())}", file=sys.stderr)
-        return 2
-    try:
-        if args.cmd == "list":
-            for n in names():
-                where = shipped(n) or "not shipped for this recipe"
-                built = "built" if entry_dir(n).is_dir() else "absent"
-                print(f"{n:13s} shipped: {where}; cache build: {built} ({entry_dir(n)})  ({ZOO[n].description})")
-            return 0
-        if args.cmd == "build":
-            t0 = time.perf_counter()
-            for n in selected:
-                build(n)
-            log.info("zoo built in %.0f s", time.perf_counter() - t0)
-            return 0
-        if args.cmd == "ship":
-            ship(selected)
-            return 0
-        from runner.toy.report import evaluate_zoo
-
-        evaluate_zoo(selected, limit=args.limit, json_path=args.json, compare=args.compare, markdown=args.markdown)
-        return 0
-    except RunnerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_cli())
+    sys.exit(main())

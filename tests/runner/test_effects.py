@@ -68,6 +68,7 @@ def _fake_run(folder: Path, value: float, items: list[float], *, seed: int, toke
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
         "status": "completed", "checkpoint": None, "seed": seed, "timings": {"total_s": 10.0},
+        "config": {"model": {"path": "toy-base"}},
         "metrics": {"toy_arith/exact_match": value, "toy_arith/response_tokens": tokens}, "baseline_metrics": {}}))
     (folder / "eval" / "final").mkdir(parents=True)
     with (folder / "eval" / "final" / "samples_toy_arith.jsonl").open("w") as f:

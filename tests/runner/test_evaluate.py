@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from runner.config import EvalConfig, SamplingConfig
-from runner.evaluate import check_eval_spec, evaluate, flatten_metrics, toy_task_names
+from runner.evaluate import check_eval_spec, evaluate, flatten_metrics, shipped_task_names
 from runner.toy.tasks import TaskSpec
 from runner.toy.tasks import test_problems as problems_of_split
 
@@ -64,7 +64,7 @@ def test_eval_stage_covers_every_toy_task_kind(tiny_llama, tmp_path):
     from runner.models import load_model
 
     model, tok = load_model({"path": str(tiny_llama), "dtype": "float32"})
-    ev = OmegaConf.structured(EvalConfig(tasks=toy_task_names(), limit=8, batch_size=8, log_samples=False))
+    ev = OmegaConf.structured(EvalConfig(tasks=shipped_task_names(), limit=8, batch_size=8, log_samples=False))
     metrics = evaluate(model, tok, ev, tmp_path).metrics
     for key in ("toy_arith/exact_match", "toy_arith_hard/exact_match", "toy_arith_mc/acc", "toy_arith_mc/acc_norm",
                 "toy_ppl/byte_perplexity", "toy_ppl/bits_per_byte", "toy_arith/response_tokens"):

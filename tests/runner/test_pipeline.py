@@ -158,15 +158,3 @@ def test_example_pipelines_are_valid(compose, recipe):
     steps = validate_pipeline(compose([f"recipe={recipe}"]))
     assert len(steps) == 2 and steps[1].feed
 
-
-def test_runner_core_does_not_import_the_pipeline():
-    """The pipeline calls the job function, never the other way round: no import circle."""
-    import ast
-
-    from tests.conftest import REPO
-
-    for module in ("run", "recipe", "config", "train", "evaluate", "models", "data"):
-        tree = ast.parse((REPO / "runner" / f"{module}.py").read_text())
-        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not any(m and m.startswith(("runner.pipeline", "recipes")) for m in imported), module

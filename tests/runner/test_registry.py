@@ -6,6 +6,7 @@ from runner.errors import ConfigError
 
 @pytest.fixture
 def clean_kind():
+    registry.load_builtins()  # before clearing: a later lookup would register them again
     saved = dict(registry._REGISTRY["merge_method"])
     registry._REGISTRY["merge_method"].clear()
     yield "merge_method"
@@ -64,7 +65,8 @@ def test_unknown_kind_is_refused():
 
 def test_all_design_kinds_exist():
     assert set(registry.KINDS) == {"recipe", "kd_loss", "token_selector", "merge_method", "quantizer",
-                                   "bit_allocator", "noise_model"}
+                                   "bit_allocator", "noise_model", "model_source", "data_source", "task_dir",
+                                   "checkpoint_metric"}
 
 
 def test_check_params_binds_config_keys_to_the_signature():
@@ -88,3 +90,20 @@ def test_check_params_reports_missing_required_and_accepts_var_kwargs():
         return 0
 
     assert registry.check_params(anything, {"whatever": 1}, key="merge", skip=2) == []
+
+
+def test_the_core_imports_no_recipe_no_world_and_not_the_pipeline():
+    """runner/*.py never imports `recipes`, the toy world or (but for the entry points) the pipeline:
+    they plug in through the registry, and the pipeline calls the job function, not the other way."""
+    import ast
+
+    from tests.conftest import REPO
+
+    entry_points = {"cli.py", "check.py", "pipeline.py", "report.py", "effects.py"}
+    for path in sorted((REPO / "runner").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m == "recipes" or m.startswith(("recipes.", "runner.toy")) for m in imported), path.name
+        if path.name not in entry_points:
+            assert not any(m.startswith("runner.pipeline") for m in imported), path.name

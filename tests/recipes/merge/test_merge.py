@@ -552,7 +552,7 @@ def test_mi_merge_recipe_end_to_end(compose, trio, tmp_path):
 
 
 def test_timber_recipe_end_to_end(compose, trio, tmp_path):
-    from runner.toy.zoo import cache_dir
+    from runner.cache import cache_dir
 
     base, instruct, _ = trio
     cfg = compose(["recipe=timber", f"base.path={base}", f"instruct.path={instruct}", "eval=none",

@@ -19,7 +19,7 @@ def test_every_entry_is_shipped_as_the_code_describes_it():
     assert list(manifest["entries"]) == zoo.names() and manifest["zoo_version"] == zoo.ZOO_VERSION
     for name, record in manifest["entries"].items():
         folder = zoo.SHIPPED_DIR / name
-        assert record["fingerprint"] == zoo.fingerprint(name), f"{name}: rebuild and `python -m runner.toy.zoo ship`"
+        assert record["fingerprint"] == zoo.fingerprint(name), f"{name}: rebuild and `python -m runner.toy ship`"
         assert record["recipe"] == json.loads(json.dumps(zoo.recipe(name)))
         assert {f.name for f in folder.iterdir()} == set(record["files"])
         for f, digest in record["files"].items():
@@ -84,7 +84,7 @@ def test_fingerprint_follows_profile_and_parent(monkeypatch):
 def test_build_path_in_the_smoke_profile(tmp_path):
     """`build` trains from scratch into the cache (here with a hundredth of the steps); `ship` refuses it."""
     env = {**os.environ, "RUNNER_TOY_PROFILE": "smoke", "RUNNER_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "runner.toy.zoo", "build", "toy-teacher"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "runner.toy", "build", "toy-teacher"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     built = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "zoo").iterdir() if not p.name.startswith(".")}
@@ -93,7 +93,7 @@ def test_build_path_in_the_smoke_profile(tmp_path):
     assert meta["profile"] == "smoke" and meta["init"] == "toy-base" and meta["grow_depth"] == 2
     assert [s["stage"]["steps"] for s in meta["stages"]] == [6]
     assert (built["toy-teacher"] / "tokenizer.json").read_text() == (zoo.SHIPPED_DIR / "toy-base" / "tokenizer.json").read_text()
-    proc = subprocess.run([sys.executable, "-m", "runner.toy.zoo", "ship", "toy-base"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "runner.toy", "ship", "toy-base"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "only full-profile builds are shipped" in proc.stderr
 
@@ -112,7 +112,7 @@ def test_grow_depth_preserves_the_function(tiny_llama):
 
 
 def test_zoo_cli_rejects_unknown_entries():
-    proc = subprocess.run([sys.executable, "-m", "runner.toy.zoo", "build", "toy-giant"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "runner.toy", "build", "toy-giant"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown zoo entries ['toy-giant']" in proc.stderr
 
 
@@ -120,8 +120,8 @@ def test_zoo_cli_rejects_unknown_entries():
 @pytest.mark.e2e
 def test_zoo_eval_prints_the_tables_in_the_readme():
     """The shipped weights are the same everywhere, so their measurement is too: every row that
-    `python -m runner.toy.zoo eval --markdown` prints is in the README, word for word."""
-    proc = subprocess.run([sys.executable, "-m", "runner.toy.zoo", "eval", "--markdown"], capture_output=True,
+    `python -m runner.toy eval --markdown` prints is in the README, word for word."""
+    proc = subprocess.run([sys.executable, "-m", "runner.toy", "eval", "--markdown"], capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
