@@ -157,9 +157,15 @@ class RunConfig:
 
 
 def register_configs() -> None:
+    """Store the schema for Hydra. Method blocks stay open, so ``loss.mu=0.3`` sets a component's
+    parameter that no YAML names (its default lives in the component's signature, not in a config
+    file); the recipe's validation checks every key in them, with a did-you-mean."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="runner_schema", node=RunConfig)
+    schema = OmegaConf.structured(RunConfig)
+    for block in METHOD_BLOCKS:
+        OmegaConf.set_struct(schema[block], False)
+    ConfigStore.instance().store(name="runner_schema", node=schema)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,27 +270,42 @@ def component_params(cfg: DictConfig, key: str, schema: type) -> dict:
     return {k: v for k, v in (to_container(cfg.get(key)) or {}).items() if k not in known}
 
 
-def checked_blocks(cfg: DictConfig, *specs: tuple[str, type]) -> tuple[list[DictConfig], list[str]]:
-    """Method blocks typed by their schemas, and the problems of their fields.
+def check_block(cfg: DictConfig, name: str, schema: type, components: tuple = (),
+                supplied=lambda block, typed: {}) -> tuple[DictConfig | None, dict, list[str]]:
+    """One method block against its schema and the contracts of the components it names.
 
-    `specs` are (key, schema) pairs. When OmegaConf refuses a value's type (``loss.kd_ratio=abc``)
-    the blocks are ``[]`` and the problem is that one message.
+    Returns the block typed by `schema` (None when OmegaConf refuses a value's type, ``loss.kd_ratio=abc``),
+    the keys the schema does not own (the parameters of a component that takes them beside the
+    block's keys), and every problem. `components` are `runner.recipe.Component`s; `supplied(block,
+    typed)` names the parameters the recipe gives a component at run time.
     """
-    blocks = []
-    for key, schema in specs:
-        try:
-            blocks.append(method_block(cfg, key, schema))
-        except Exception as exc:  # OmegaConf's validation errors carry the field in full_key
-            field_name = getattr(exc, "full_key", None)
-            return [], [f"{key}.{field_name}: {str(exc).splitlines()[0]}" if field_name else str(exc).splitlines()[0]]
-    return blocks, [p for block, (key, schema) in zip(blocks, specs) for p in check_fields(block, schema, key)]
+    from runner import registry
 
-
-def unknown_keys(cfg: DictConfig, key: str, allowed: set[str]) -> list[str]:
-    from runner.registry import did_you_mean
-
-    return [f"{key}.{k}: unknown key.{did_you_mean(k, allowed)} Allowed: {', '.join(sorted(allowed))}"
-            for k in (cfg.get(key) or {}) if k not in allowed]
+    try:
+        typed = method_block(cfg, name, schema)
+    except Exception as exc:  # OmegaConf's validation errors carry the field in full_key
+        field_name = getattr(exc, "full_key", None)
+        return None, {}, [f"{name}.{field_name}: {str(exc).splitlines()[0]}" if field_name else str(exc).splitlines()[0]]
+    problems = check_fields(typed, schema, name)
+    beside = component_params(cfg, name, schema)
+    if beside and not any(c.params_key is None for c in components):
+        own = set(schema.__dataclass_fields__)
+        problems += [f"{name}.{k}: unknown key.{registry.did_you_mean(k, own)} Allowed: {', '.join(sorted(own))}"
+                     for k in beside]
+    for c in components:
+        component = typed.get(c.name_key)
+        params = beside if c.params_key is None else dict(to_container(typed.get(c.params_key)) or {})
+        where = name if c.params_key is None else f"{name}.{c.params_key}"
+        if component is None or component == c.none:
+            if params:
+                problems.append(f"{where}: {', '.join(sorted(params))} set, but {name}.{c.name_key} is {component}")
+            continue
+        valid = [c.none, *registry.names(c.kind)] if c.none else registry.names(c.kind)
+        if component not in valid:
+            problems.append(registry.unknown_name_message(c.kind, component, valid, key=f"{name}.{c.name_key}"))
+            continue
+        problems += registry.check_component(c.kind, component, params, key=where, supplied=supplied(name, typed))
+    return typed, beside, problems
 
 
 def to_container(node: Any) -> Any:

@@ -39,11 +39,10 @@ from runner.config import (
     check_roles,
     check_top_level,
     check_unused_blocks,
-    checked_blocks,
+    check_block,
     method_block,
     raise_if,
     to_container,
-    unknown_keys,
 )
 from runner.errors import ConfigError, RunnerError
 from runner.recipe import Recipe
@@ -93,12 +92,10 @@ def plan(cfg: DictConfig) -> tuple[list[Step], list[str]]:
     import_components(list(cfg.plugins))
     problems = check_top_level(cfg) + check_fields(cfg, RunConfig, "")
     problems += check_roles(cfg, (), (), "pipeline") + check_unused_blocks(cfg, ("pipeline",), "pipeline")
-    blocks, block_problems = checked_blocks(cfg, ("pipeline", PipelineConfig))
+    p, _, block_problems = check_block(cfg, "pipeline", PipelineConfig)
     problems += block_problems
-    if not blocks:
+    if p is None:
         return [], problems
-    (p,) = blocks
-    problems += unknown_keys(cfg, "pipeline", set(PipelineConfig.__dataclass_fields__))
     raw_steps = (to_container(cfg.pipeline) or {}).get("steps") or []
     if not raw_steps:
         problems.append("pipeline.steps: empty; give the steps, each {recipe: <named recipe>, overrides: [...], "

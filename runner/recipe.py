@@ -1,8 +1,10 @@
 """What a recipe is: a registered class with ``run(cfg, ctx) -> RecipeResult``.
 
-A recipe declares the model roles it needs, the method blocks it reads, and which input model is
-its baseline; `runner.run` checks all of that before any work, builds the `RunContext`, runs it,
-and evaluates what it returns.
+A recipe declares the model roles it needs, the method blocks it reads (each with the dataclass of
+its own keys, and the registered component a key of it names), and which input model is its
+baseline. `Recipe.validate` checks every block against its schema and its component's contract,
+plus the recipe's own rules (`check`), and returns the typed blocks; `runner.run` then builds the
+`RunContext` (holding those blocks), runs the recipe and evaluates what it returns.
 """
 
 from __future__ import annotations
@@ -18,6 +20,32 @@ from omegaconf import DictConfig
 from runner.train import TrainResult
 
 
+@dataclass(frozen=True)
+class Component:
+    """The registered component a method block names: ``Component("kd_loss", "name")`` is ``loss.name``.
+
+    Its parameters sit beside the block's own keys (``loss.mu``), or in the block's dict key
+    `params_key` (``quant.allocator_params``). `none` is the name that means no component.
+    """
+
+    kind: str
+    name_key: str
+    params_key: str | None = None
+    none: str | None = None
+
+
+@dataclass
+class Blocks:
+    """A recipe's method blocks as validated: each typed by its schema (defaults filled in), and each
+    block's component parameters (its keys the schema does not own)."""
+
+    typed: dict[str, DictConfig] = field(default_factory=dict)
+    params: dict[str, dict] = field(default_factory=dict)
+
+    def __getitem__(self, block: str) -> DictConfig:
+        return self.typed[block]
+
+
 @dataclass
 class RecipeResult:
     checkpoint: Path | None = None  # the HF folder the recipe wrote, if any
@@ -30,17 +58,39 @@ class RecipeResult:
 
 
 class Recipe:
-    """Base class of recipes. Subclass, set the class attributes, implement `run`."""
+    """Base class of recipes. Subclass, set the class attributes, implement `run` (and `check` for
+    rules of its own)."""
 
     roles: ClassVar[tuple[str, ...]] = ()  # model roles that must be set
     optional_roles: ClassVar[tuple[str, ...]] = ()  # roles that may be set
-    blocks: ClassVar[tuple[str, ...]] = ()  # method blocks it reads (loss, selector, merge, ...)
+    blocks: ClassVar[dict[str, type]] = {}  # method blocks it reads -> the dataclass of their own keys
+    components: ClassVar[dict[str, tuple[Component, ...]]] = {}  # block -> the components its keys name
     uses_data: ClassVar[bool] = False  # reads the `data` block
     baseline_role: ClassVar[str | None] = None  # the input model that `eval.baseline=true` evaluates
 
-    def validate(self, cfg: DictConfig) -> list[str]:
-        """Problems with the method blocks; called before any work. Override to add checks."""
+    def validate(self, cfg: DictConfig) -> tuple[Blocks, list[str]]:
+        """The typed blocks and every problem with them; called before any work."""
+        from runner.config import check_block
+
+        blocks, problems = Blocks(), []
+        for name, schema in self.blocks.items():
+            typed, params, block_problems = check_block(cfg, name, schema, self.components.get(name, ()),
+                                                        self.supplied)
+            problems += block_problems
+            if typed is not None:
+                blocks.typed[name], blocks.params[name] = typed, params
+        if problems:
+            return blocks, problems
+        return blocks, self.check(cfg, blocks)
+
+    def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
+        """The recipe's own rules across blocks and roles (the blocks are typed and valid by now)."""
         return []
+
+    def supplied(self, block: str, typed: DictConfig) -> dict[str, str]:
+        """Parameters of a block's component that the recipe supplies at run time (noise-eval's swept
+        one), each with the config key that names it."""
+        return {}
 
     def baseline_for(self, cfg: DictConfig) -> str | None:
         """The role `eval.baseline=true` evaluates for this config (override when it depends on it)."""
@@ -58,6 +108,7 @@ class Recipe:
 class RunContext:
     cfg: DictConfig
     run_dir: Path
+    blocks: Blocks = field(default_factory=Blocks)
     resume_from: Path | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("runner"))
 

@@ -13,6 +13,15 @@ and is looked up by the name a config gives::
 
 Unknown names raise a `ConfigError` that lists the valid names and the closest match.
 
+A component declares its contract at registration: its parameters are the keyword arguments after
+the call shape's own (types and defaults from the signature; ranges and choices given here), the
+arguments the caller supplies at run time, and what else its recipe needs to know (a merge method's
+model inputs, a quantizer's storage cost). `check_component` validates a config block against it,
+so no recipe keeps a table about its components::
+
+    @register("kd_loss", "akl", ranges={"mu": (0, 1, "open")})
+    def akl(student_logits, teacher_logits, mask, labels=None, *, mu: float = 0.5): ...
+
 Kinds and call shapes (the contract in DESIGN.md):
 
 =================  ===================================================================
@@ -40,7 +49,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import typing
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import ConfigError
@@ -60,8 +71,123 @@ KINDS = (
 )
 BUILTINS = "recipes"  # importing it registers every built-in recipe, component and source
 
+# How many leading arguments each kind's call shape supplies (they are not config parameters).
+CALL_ARGS = {"kd_loss": 4, "token_selector": 2, "merge_method": 2, "quantizer": 3, "bit_allocator": 3,
+             "noise_model": 2}
+
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+_CONTRACTS: dict[str, dict[str, "Contract"]] = {kind: {} for kind in KINDS}
 _builtins_loaded = False
+_EMPTY = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The model roles a merge method takes: named roles in order, or ``("models",)`` for a list."""
+
+    roles: tuple[str, ...]
+    base: str | None = None  # the role of the base the task vectors are taken from
+    models: tuple[int, int | None] = (2, None)  # with ("models",): how many (at least, at most)
+    donor: str | None = None  # whose config and tokenizer the output takes (default: the first input)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any = _EMPTY
+    type: type | None = None
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    choices: tuple | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _EMPTY
+
+    def problems(self, key: str, value: Any) -> list[str]:
+        """Why `value` is not allowed for this parameter ([] when it is)."""
+        from runner.config import range_problem
+
+        if value is None and (self.default is None or self.type is None):
+            return []
+        if self.type is not None and not _is_a(value, self.type):
+            return [f"{key}: {value!r} is not {_TYPE_WORDS.get(self.type, self.type.__name__)}"]
+        if self.choices is not None and value not in self.choices:
+            return [f"{key}: {value!r} is not allowed.{did_you_mean(str(value), map(str, self.choices))} "
+                    f"Choose one of {', '.join(map(str, self.choices))}"]
+        if self.lo is not None or self.hi is not None:
+            problem = range_problem(key, value, self.lo, self.hi, self.lo_open)
+            return [problem] if problem else []
+        return []
+
+
+_TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string",
+               list: "a list", dict: "a mapping"}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False  # true/false is not a number
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a component takes from a config, and what its recipe must know about it."""
+
+    params: dict[str, Param] = field(default_factory=dict)
+    runtime: tuple[str, ...] = ()  # keyword arguments the caller supplies, never the config
+    open: bool = False  # takes **kwargs: any parameter is accepted
+    inputs: Inputs | None = None  # merge methods
+    storage: Callable | None = None  # quantizers: (bits, group_size, sym) -> (code bits, effective bits)
+    check: Callable | None = None  # (params, key) -> problems: rules joining several parameters
+
+
+def _contract(kind: str, obj: Any, ranges: Mapping, choices: Mapping, runtime: tuple, **extra) -> Contract:
+    """The contract of a function registered under a kind with a call shape."""
+    if kind not in CALL_ARGS or not callable(obj):
+        return Contract(**extra)
+    try:
+        hints = typing.get_type_hints(obj)
+    except Exception:  # an annotation that cannot be resolved: types then come from defaults
+        hints = {}
+    sig = inspect.signature(obj)
+    params, is_open = {}, False
+    for p in list(sig.parameters.values())[CALL_ARGS[kind]:]:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            is_open = True
+            continue
+        if p.kind is inspect.Parameter.VAR_POSITIONAL or p.name in runtime:
+            continue
+        lo = hi = None
+        lo_open = False
+        if p.name in ranges:
+            lo, hi, *rest = ranges[p.name]
+            lo_open = bool(rest) and rest[0] == "open"
+        params[p.name] = Param(p.name, p.default, _simple_type(hints.get(p.name), p.default), lo, hi, lo_open,
+                               tuple(choices[p.name]) if p.name in choices else None)
+    unknown = (set(ranges) | set(choices)) - set(params)
+    if unknown:
+        raise ValueError(f"{kind} {getattr(obj, '__name__', obj)!r}: ranges or choices for {sorted(unknown)}, "
+                         "which are not among its parameters")
+    return Contract(params=params, runtime=tuple(runtime), open=is_open, **extra)
+
+
+def _simple_type(hint: Any, default: Any) -> type | None:
+    """float, int, bool, str, list or dict when the annotation (or the default) says so, else None."""
+    for t in (hint, *typing.get_args(hint)):
+        if t in (float, int, bool, str, list, dict):
+            return t
+        if typing.get_origin(t) in (list, dict):
+            return typing.get_origin(t)
+    if default is not _EMPTY and default is not None and type(default) in (float, int, bool, str, list, dict):
+        return type(default)
+    return None
 
 
 def load_builtins() -> None:
@@ -83,19 +209,36 @@ def _table(kind: str) -> dict[str, Any]:
     return _check_kind(kind)
 
 
-def register(kind: str, name: str | None = None, *, aliases: Iterable[str] = ()) -> Callable:
-    """Decorator: register the decorated object under `name` (default: its ``__name__``)."""
+def register(kind: str, name: str | None = None, *, aliases: Iterable[str] = (), ranges: Mapping | None = None,
+             choices: Mapping | None = None, runtime: Iterable[str] = (), inputs: Inputs | None = None,
+             storage: Callable | None = None, check: Callable | None = None) -> Callable:
+    """Decorator: register the decorated object under `name` (default: its ``__name__``) with its contract.
+
+    `ranges` ({param: (lo, hi) or (lo, hi, "open")}, None for no bound) and `choices` ({param: values})
+    bound its parameters; `runtime` names keyword arguments its caller supplies; `check(params, key)`
+    returns the problems of rules that join parameters; `inputs` (merge methods) and `storage`
+    (quantizers) are what their recipes need to know.
+    """
     table = _check_kind(kind)
 
     def decorator(obj: Any) -> Any:
+        contract = _contract(kind, obj, ranges or {}, choices or {}, tuple(runtime), inputs=inputs, storage=storage,
+                             check=check)
         for key in (name or obj.__name__, *aliases):
             existing = table.get(key)
             if existing is not None and existing is not obj:
                 raise ValueError(f"{kind} {key!r} is already registered by {_describe(existing)}")
             table[key] = obj
+            _CONTRACTS[kind][key] = contract
         return obj
 
     return decorator
+
+
+def contract(kind: str, name: str) -> Contract:
+    """The contract `name` was registered with (`get` it first to report an unknown name)."""
+    get(kind, name)
+    return _CONTRACTS[kind][name]
 
 
 def _describe(obj: Any) -> str:
@@ -141,38 +284,30 @@ def get(kind: str, name: str, *, key: str | None = None) -> Any:
     return table[name]
 
 
-def check_params(
-    fn: Callable,
-    params: Mapping[str, Any],
-    *,
-    key: str,
-    skip: int = 0,
-    runtime: Iterable[str] = (),
-) -> list[str]:
-    """Problems binding `params` as keyword arguments of `fn`, each naming `key`.
+def check_component(kind: str, name: str, params: Mapping[str, Any], *, key: str,
+                    supplied: Mapping[str, str] | None = None) -> list[str]:
+    """Problems binding a config block's `params` to component `name`'s contract, each naming `key`.
 
-    `skip` leading positional parameters are supplied by the caller (tensors, masks, ...), and so
-    are the keyword arguments named in `runtime` (a generator, a reference model's outputs, ...):
-    neither is offered to nor accepted from the config. Unknown names get a did-you-mean; required
-    parameters that are missing are reported too. Functions taking ``**kwargs`` accept anything.
+    Unknown names get a did-you-mean; wrongly typed or out-of-range values, arguments the caller
+    supplies at run time, and required parameters that are missing are reported too. `supplied` maps
+    the parameters the recipe fills in itself (noise-eval's swept one) to the config key that names
+    them; one that is not a parameter is reported there.
     """
-    runtime = set(runtime)
-    sig = inspect.signature(fn)
-    settable = [p for p in list(sig.parameters.values())[skip:] if p.name not in runtime]
-    problems = [f"{key}.{name}: supplied at run time, not by the config" for name in params if name in runtime]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in settable):
-        return problems
-    allowed = {p.name for p in settable if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-    for name in params:
-        if name not in allowed and name not in runtime:
-            problems.append(
-                f"{key}.{name}: unknown parameter.{did_you_mean(name, allowed)} "
-                f"Allowed: {', '.join(sorted(allowed)) or '(none)'}"
-            )
-    for p in settable:
-        if p.default is inspect.Parameter.empty and p.kind in (
-            inspect.Parameter.KEYWORD_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ) and p.name not in params:
-            problems.append(f"{key}.{p.name}: required parameter is missing")
+    c = contract(kind, name)
+    supplied = dict(supplied or {})
+    problems = [f"{where}: {p!r} is not a parameter of {kind.replace('_', ' ')} {name!r}; choose one of "
+                f"{', '.join(c.params) or '(none)'}" for p, where in supplied.items() if p not in c.params]
+    for k, v in params.items():
+        if k in c.runtime:
+            problems.append(f"{key}.{k}: supplied at run time, not by the config")
+        elif k in c.params:
+            problems += c.params[k].problems(f"{key}.{k}", v)
+        elif not c.open:
+            problems.append(f"{key}.{k}: unknown parameter.{did_you_mean(k, c.params)} "
+                            f"Allowed: {', '.join(sorted(c.params)) or '(none)'}")
+    if all(p in c.params for p in supplied):  # else the misnamed one is the missing one
+        problems += [f"{key}.{p.name}: required parameter is missing" for p in c.params.values()
+                     if p.required and p.name not in params and p.name not in supplied]
+    if not problems and c.check is not None:
+        problems += c.check(dict(params), key)
     return problems

@@ -27,7 +27,7 @@ from runner.config import (
     raise_if,
 )
 from runner.errors import ConfigError, RunnerError
-from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.recipe import Blocks, Recipe, RecipeResult, RunContext
 from runner.resume import check_resume, find_resume, record_in_index
 
 log = logging.getLogger("runner")
@@ -53,6 +53,11 @@ def validate(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> Recipe:
     `pending` names model roles (``model``, ``models[1]``) whose checkpoint an earlier pipeline step
     has yet to write: their paths are not checked.
     """
+    return checked(cfg, pending=pending)[0]
+
+
+def checked(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> tuple[Recipe, Blocks]:
+    """`validate`, also returning the recipe's method blocks as it checked them (what `run` uses)."""
     from runner.data import check_data_spec
     from runner.evaluate import check_eval_spec
     from runner.models import check_model_spec
@@ -64,7 +69,7 @@ def validate(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> Recipe:
         raise_if(problems + unknown)
     recipe: Recipe = registry.get("recipe", cfg.kind)()
     problems += check_roles(cfg, recipe.roles, recipe.optional_roles, cfg.kind)
-    problems += check_unused_blocks(cfg, recipe.blocks, cfg.kind)
+    problems += check_unused_blocks(cfg, tuple(recipe.blocks), cfg.kind)
     for role in ROLES:
         if cfg.get(role) is not None and role in recipe.roles + recipe.optional_roles and role not in pending:
             problems += check_model_spec(cfg[role], role)
@@ -75,9 +80,9 @@ def validate(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> Recipe:
         problems += check_data_spec(cfg.data)
     problems += check_eval_spec(cfg.eval)
     problems += check_resume(cfg)
-    problems += recipe.validate(cfg)
-    raise_if(problems)
-    return recipe
+    blocks, block_problems = recipe.validate(cfg)
+    raise_if(problems + block_problems)
+    return recipe, blocks
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +102,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     main_process = True
     try:
         t = time.perf_counter()
-        recipe = validate(cfg)
+        recipe, blocks = checked(cfg)
         timings["validate_s"] = round(time.perf_counter() - t, 3)
 
         from accelerate.utils import set_seed
@@ -106,7 +111,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         reset_accelerator_state()  # an earlier job of this process (multirun, pipeline) may have configured it
         set_seed(cfg.seed)
-        ctx = RunContext(cfg=cfg, run_dir=run_dir, resume_from=find_resume(cfg, run_dir))
+        ctx = RunContext(cfg=cfg, run_dir=run_dir, blocks=blocks, resume_from=find_resume(cfg, run_dir))
         main_process = ctx.is_main_process
         if not main_process:
             logging.getLogger().setLevel(logging.WARNING)

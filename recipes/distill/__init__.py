@@ -26,20 +26,13 @@ from recipes.distill import losses  # noqa: F401  (registers the kd_loss entries
 from recipes.distill.objective import KDObjective
 from recipes.distill.onpolicy import GKD, GOPD, Sampling
 from runner import registry
-from runner.config import (
-    bounds,
-    checked_blocks,
-    component_params,
-    method_block,
-    range_problem,
-    unknown_keys,
-)
+from runner.config import bounds
 from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.lm_head import check_plain_head
 from runner.lora import LoraConfig, with_lora
 from runner.models import check_same_vocab, load_tokenizer, resolve_model_path
-from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
 from runner.train import train
 
@@ -74,50 +67,28 @@ class OnPolicyConfig:
     top_k: int = field(default=0, metadata=bounds(0))
 
 
-# Ranges of the divergences' own parameters.
-DIVERGENCE_PARAM_RANGES = {"skew_alpha": (0.0, 1.0, False), "beta": (0.0, 1.0, False), "mu": (0.0, 1.0, True),
-                           "eps": (0.0, None, True)}
-
-
 @register("recipe", "distill")
 class Distill(Recipe):
     roles = ("teacher", "student")
-    blocks = ("loss", "onpolicy", "lora")
+    blocks = {"loss": LossConfig, "onpolicy": OnPolicyConfig, "lora": LoraConfig}
+    components = {"loss": (Component("kd_loss", "name"),)}
     uses_data = True
     baseline_role = "student"
 
     # ----------------------------------------------------------------------------------------
-    def validate(self, cfg: DictConfig) -> list[str]:
-        blocks, problems = checked_blocks(cfg, ("loss", LossConfig), ("onpolicy", OnPolicyConfig), ("lora", LoraConfig))
-        if not blocks:
-            return problems
-        loss, onpolicy, lora = blocks
-        problems += unknown_keys(cfg, "onpolicy", set(OnPolicyConfig.__dataclass_fields__))
-        problems += unknown_keys(cfg, "lora", set(LoraConfig.__dataclass_fields__))
-        unknown = registry.check_name("kd_loss", loss.name, key="loss.name")
-        if unknown:
-            return problems + unknown
-        per_token = registry.get("kd_loss", loss.name).per_token
-        div_params = component_params(cfg, "loss", LossConfig)
-        problems += [p.replace("unknown parameter.", f"unknown key for loss {loss.name!r}.")
-                     for p in registry.check_params(per_token, div_params, key="loss", skip=2)]
-        for k, v in div_params.items():
-            if k in DIVERGENCE_PARAM_RANGES and isinstance(v, (int, float)):
-                lo, hi, lo_open = DIVERGENCE_PARAM_RANGES[k]
-                problems += [p for p in [range_problem(f"loss.{k}", v, lo, hi, lo_open)] if p]
-        if onpolicy.mode != "off" and cfg.data.packing:
+    def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
+        problems = []
+        if blocks["onpolicy"].mode != "off" and cfg.data.packing:
             problems.append("data.packing: on-policy modes answer each example's prompt, so they need "
                             "data.packing=false")
-        if onpolicy.mode == "gopd" and loss.loca.enabled:
+        if blocks["onpolicy"].mode == "gopd" and blocks["loss"].loca.enabled:
             problems.append("loss.loca.enabled: LoCa needs ground-truth labels; G-OPD trains only on "
                             "student rollouts")
         return problems
 
     # ----------------------------------------------------------------------------------------
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
-        loss_cfg = method_block(cfg, "loss", LossConfig)
-        onpolicy = method_block(cfg, "onpolicy", OnPolicyConfig)
-        lora = method_block(cfg, "lora", LoraConfig)
+        loss_cfg, onpolicy, lora = ctx.blocks["loss"], ctx.blocks["onpolicy"], ctx.blocks["lora"]
 
         # The tokenizers are compared before any weights are loaded.
         tok_student = load_tokenizer(resolve_model_path(cfg.student), trust_remote_code=cfg.student.trust_remote_code)
@@ -136,9 +107,7 @@ class Distill(Recipe):
         if lora.enabled:
             student = with_lora(student, lora)
 
-        divergence = registry.get("kd_loss", loss_cfg.name).per_token
-        params = component_params(cfg, "loss", LossConfig)
-        objective = KDObjective(divergence, params, temperature=loss_cfg.temperature, kd_ratio=loss_cfg.kd_ratio,
+        objective = KDObjective(registry.get("kd_loss", loss_cfg.name), ctx.blocks.params["loss"], temperature=loss_cfg.temperature, kd_ratio=loss_cfg.kd_ratio,
                                 loca_alpha=loss_cfg.loca.alpha if loss_cfg.loca.enabled else None,
                                 topk=loss_cfg.topk, chunk_size=loss_cfg.chunk_size, vocab_size=vocab_size)
         sampling = Sampling(onpolicy.max_new_tokens, onpolicy.temperature, onpolicy.top_p, onpolicy.top_k)

@@ -13,8 +13,10 @@ Conventions (spec distill.md sections 0-2), p = teacher, q = student:
   reference LLM KD code does);
 - vocabulary entries with probability 0 (logit -inf) contribute 0, never NaN.
 
-Each loss is the token-mean of a per-token divergence function, kept as ``loss.per_token`` so the
-chunked path (`recipes.distill.chunked`) reuses exactly the same math.
+Each registered loss is the token-mean of a per-token divergence of the two log-softmaxes; the
+recipe's objective (`recipes.distill.objective`) calls it on each chunk of response tokens, after the
+temperature (and LoCa or top-k, when asked) has shaped both distributions. A plugin registers a
+function of the same shape and is called the same way.
 """
 
 from __future__ import annotations
@@ -143,27 +145,47 @@ def loca_calibrate(teacher_logp: torch.Tensor, labels: torch.Tensor, alpha: floa
     return torch.where(wrong, calibrated, teacher_logp)
 
 
-DIVERGENCES: dict[str, PerToken] = {
-    "fkl": forward_kl,
-    "rkl": reverse_kl,
-    "sfkl": skew_forward_kl,
-    "srkl": skew_reverse_kl,
-    "jsd": generalized_jsd,
-    "tvd": total_variation,
-    "akl": adaptive_kl,
-}
+def _token_mean_of(divergence: PerToken, student_logits, teacher_logits, mask, **params) -> torch.Tensor:
+    return token_mean(divergence(log_probs(student_logits), log_probs(teacher_logits), **params), mask)
 
 
-def _register(name: str, per_token: PerToken) -> None:
-    def loss(student_logits, teacher_logits, mask, labels=None, *, temperature: float = 1.0, **params):
-        s, t = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
-        return token_mean(per_token(s, t, **params), mask)
-
-    loss.__name__ = loss.__qualname__ = f"{name}_loss"
-    loss.__doc__ = per_token.__doc__
-    loss.per_token = per_token
-    register("kd_loss", name)(loss)
+@register("kd_loss", "fkl")
+def fkl(student_logits, teacher_logits, mask, labels=None) -> torch.Tensor:
+    """Forward KL(p || q) (classic KD)."""
+    return _token_mean_of(forward_kl, student_logits, teacher_logits, mask)
 
 
-for _name, _fn in DIVERGENCES.items():
-    _register(_name, _fn)
+@register("kd_loss", "rkl")
+def rkl(student_logits, teacher_logits, mask, labels=None) -> torch.Tensor:
+    """Reverse KL(q || p)."""
+    return _token_mean_of(reverse_kl, student_logits, teacher_logits, mask)
+
+
+@register("kd_loss", "sfkl", ranges={"skew_alpha": (0.0, 1.0)})
+def sfkl(student_logits, teacher_logits, mask, labels=None, *, skew_alpha: float = 0.1) -> torch.Tensor:
+    """DistiLLM's skew forward KL."""
+    return _token_mean_of(skew_forward_kl, student_logits, teacher_logits, mask, skew_alpha=skew_alpha)
+
+
+@register("kd_loss", "srkl", ranges={"skew_alpha": (0.0, 1.0)})
+def srkl(student_logits, teacher_logits, mask, labels=None, *, skew_alpha: float = 0.1) -> torch.Tensor:
+    """DistiLLM's skew reverse KL."""
+    return _token_mean_of(skew_reverse_kl, student_logits, teacher_logits, mask, skew_alpha=skew_alpha)
+
+
+@register("kd_loss", "jsd", ranges={"beta": (0.0, 1.0)})
+def jsd(student_logits, teacher_logits, mask, labels=None, *, beta: float = 0.5) -> torch.Tensor:
+    """TRL's generalized Jensen-Shannon divergence."""
+    return _token_mean_of(generalized_jsd, student_logits, teacher_logits, mask, beta=beta)
+
+
+@register("kd_loss", "tvd")
+def tvd(student_logits, teacher_logits, mask, labels=None) -> torch.Tensor:
+    """Total variation distance."""
+    return _token_mean_of(total_variation, student_logits, teacher_logits, mask)
+
+
+@register("kd_loss", "akl", ranges={"mu": (0.0, 1.0, "open"), "eps": (0.0, None, "open")})
+def akl(student_logits, teacher_logits, mask, labels=None, *, mu: float = 0.5, eps: float = 1e-8) -> torch.Tensor:
+    """AKL: forward and reverse KL weighted by the head and tail gaps."""
+    return _token_mean_of(adaptive_kl, student_logits, teacher_logits, mask, mu=mu, eps=eps)

@@ -17,13 +17,13 @@ subset KL of NeMo-RL, exact for that subset and biased against the full-vocabula
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from recipes.distill.losses import PerToken, loca_calibrate, log_probs
+from recipes.distill.losses import loca_calibrate, log_probs
 from runner.data import shift_labels
 from runner.lm_head import last_hidden_states, output_head, project
 from runner.train import LossOutput
@@ -31,7 +31,7 @@ from runner.train import LossOutput
 
 @dataclass
 class KDObjective:
-    divergence: PerToken
+    loss: Callable[..., torch.Tensor]  # a registered kd_loss: (student_logits, teacher_logits, mask, labels, **params)
     params: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
     kd_ratio: float = 1.0  # weight of the KD term; CE gets 1 - kd_ratio
@@ -86,4 +86,6 @@ class KDObjective:
             keep = t.topk(self.topk, dim=-1).indices
             s = torch.log_softmax(s.gather(-1, keep), dim=-1)
             t = torch.log_softmax(t.gather(-1, keep), dim=-1)
-        return self.divergence(s, t, **self.params).sum(), ce
+        # log-probs are logits too; the loss is a token-mean over the selection, so n times it is the sum
+        every = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device)
+        return self.loss(s, t, every, targets, **self.params) * s.shape[0], ce

@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from omegaconf import DictConfig
 
-from recipes.merge import methods
+from recipes.merge import methods  # noqa: F401  (registers the merge methods)
 from recipes.merge.engine import (
     MODULE_KINDS,
     Selection,
@@ -34,26 +34,12 @@ from recipes.merge.engine import (
 )
 from runner import registry
 from runner.cache import cache_dir
-from runner.config import bounds, checked_blocks, component_params, method_block
+from runner.config import bounds
 from runner.errors import ConfigError
 from runner.models import resolve_model_path
-from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
 from runner.tensorio import parse_size
-
-# method -> (input roles in order, base role or None); "models" is the list role
-INPUTS = {
-    "interpolate": (("instruct", "thinking"), None),
-    "timber": (("instruct",), "base"),
-    "linear": (("models",), None),
-    "slerp": (("models",), None),
-    "task_arithmetic": (("models",), "base"),
-    "ties": (("models",), "base"),
-    "dare_linear": (("models",), "base"),
-    "dare_ties": (("models",), "base"),
-}
-DEFAULT_DONOR = {"interpolate": "thinking", "timber": "instruct"}  # as the MI and Timber code do
-
 
 @dataclass
 class MergeConfig:
@@ -72,30 +58,27 @@ class MergeConfig:
 @register("recipe", "merge")
 class Merge(Recipe):
     optional_roles = ("base", "instruct", "thinking", "models")
-    blocks = ("merge",)
+    blocks = {"merge": MergeConfig}
+    components = {"merge": (Component("merge_method", "method"),)}
 
-    def validate(self, cfg: DictConfig) -> list[str]:
-        blocks, problems = checked_blocks(cfg, ("merge", MergeConfig))
-        if not blocks:
-            return problems
-        (m,) = blocks
-        if m.method not in INPUTS:
-            return problems + [registry.unknown_name_message("merge_method", m.method, INPUTS, key="merge.method")]
-        fn = registry.get("merge_method", m.method)
-        params = component_params(cfg, "merge", MergeConfig)
-        problems += registry.check_params(fn, params, key="merge", skip=2, runtime=methods.RUNTIME_ARGS)
-        problems += self._check_values(params)
-        roles, base = INPUTS[m.method]
+    def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
+        m = blocks["merge"]
+        inputs = registry.contract("merge_method", m.method).inputs
+        if inputs is None:
+            return [f"merge.method: {m.method!r} declares no model inputs, so it is not a merge of its own"]
+        problems = []
+        roles, base = inputs.roles, inputs.base
         needed = [r for r in roles if r != "models"] + ([base] if base else [])
         problems += [f"{r}: merge.method={m.method} needs a {r!r} model ({r}.path=...)" for r in needed if cfg.get(r) is None]
         n_models = len(cfg.get("models") or [])
         if "models" in roles:
-            want = 2 if m.method == "slerp" else 1 if base else 2
-            if n_models < want or (m.method == "slerp" and n_models != 2):
-                problems.append(f"models: merge.method={m.method} needs {'exactly 2' if m.method == 'slerp' else f'at least {want}'} "
-                                f"models, got {n_models}")
-            if isinstance(params.get("weights"), list) and len(params["weights"]) != n_models:
-                problems.append(f"merge.weights: {len(params['weights'])} weights for {n_models} models")
+            least, most = inputs.models
+            if n_models < least or (most is not None and n_models > most):
+                need = f"exactly {least}" if least == most else f"at least {least}"
+                problems.append(f"models: merge.method={m.method} needs {need} models, got {n_models}")
+            weights = blocks.params["merge"].get("weights")
+            if isinstance(weights, list) and len(weights) != n_models:
+                problems.append(f"merge.weights: {len(weights)} weights for {n_models} models")
         elif n_models:
             problems.append(f"models: merge.method={m.method} takes its inputs from {', '.join(roles)}, not a list")
         used = set(needed) | ({"models"} if "models" in roles else set())
@@ -129,42 +112,23 @@ class Merge(Recipe):
         # MI and Timber are judged against Instruct, their backbone; list merges have no single baseline
         return "instruct" if cfg.merge.method in ("interpolate", "timber") else None
 
-    @staticmethod
-    def _check_values(params: dict) -> list[str]:
-        problems = []
-        for key in ("lam", "t", "density", "tail_scale"):
-            if key in params and (isinstance(params[key], bool) or not isinstance(params[key], (int, float))):
-                problems.append(f"merge.{key}: {params[key]!r} is not a number")
-        if "weights" in params and not (isinstance(params["weights"], list)
-                                        and all(isinstance(w, (int, float)) for w in params["weights"])):
-            problems.append(f"merge.weights: {params['weights']!r} is not a list of numbers")
-        if problems:
-            return problems
-        for key, lo, hi in (("t", 0.0, 1.0), ("density", 0.0, 1.0), ("tail_scale", 0.0, 1.0)):
-            if key in params and not lo <= params[key] <= hi:
-                problems.append(f"merge.{key}: {params[key]} is out of range; it must be >= {lo} and <= {hi}")
-        if params.get("density") == 0.0:
-            problems.append("merge.density: 0 drops every task-vector entry; use a density in (0, 1]")
-        if params.get("rescale", "l1") not in ("l1", "density", "none"):
-            problems.append(f"merge.rescale: {params['rescale']!r} is not allowed; choose l1, density or none")
-        return problems
-
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
-        m = method_block(cfg, "merge", MergeConfig)
-        roles, base_role = INPUTS[m.method]
+        m = ctx.blocks["merge"]
+        inputs = registry.contract("merge_method", m.method).inputs
+        roles, base_role = inputs.roles, inputs.base
         paths = self._paths(cfg)
-        inputs = paths["models"] if roles == ("models",) else [paths[r] for r in roles]
+        tensors_from = paths["models"] if roles == ("models",) else [paths[r] for r in roles]
         base = paths[base_role] if base_role else None
         first_role = "models[0]" if roles == ("models",) else roles[0]
         outside = self._role_path(m.outside or first_role, paths)
-        donor = self._role_path(m.donor or DEFAULT_DONOR.get(m.method, first_role), paths)
+        donor = self._role_path(m.donor or inputs.donor or first_role, paths)
         selection = Selection(parse_layers(m.layers), tuple(m.modules) if m.modules else None)
         svd_cache = None
         if m.method == "timber":
             svd_cache = SVDCache(cache_dir() / "svd")
         out = ctx.run_dir / "checkpoint"
         if ctx.is_main_process:
-            stats = merge_models(inputs, base, registry.get("merge_method", m.method), component_params(cfg, "merge", MergeConfig), out,
+            stats = merge_models(tensors_from, base, registry.get("merge_method", m.method), ctx.blocks.params["merge"], out,
                                  selection=selection, outside=outside, donor=donor, dtype=m.dtype,
                                  max_shard_size=m.max_shard_size, seed=m.seed, svd_cache=svd_cache)
         else:

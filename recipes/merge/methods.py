@@ -3,8 +3,9 @@
 Call shape (DESIGN.md): ``merge(tensors, base, **params) -> Tensor``, fp32 in and out, one tensor
 name at a time. ``base`` is the common ancestor where a method needs one (task vectors are
 ``delta_i = tensors[i] - base``). Defaults and conventions follow mergekit (spec sft_merge.md
-section 6) except where noted. Keyword arguments in `RUNTIME_ARGS` come from the engine (a
-generator seeded per tensor, the tensor's name, the SVD cache), never from the config.
+section 6) except where noted. Each method declares the model roles it takes (`Inputs`); its
+``runtime`` arguments come from the engine (a generator seeded per tensor, the tensor's name, the
+SVD cache), never from the config.
 """
 
 from __future__ import annotations
@@ -14,9 +15,24 @@ import math
 
 import torch
 
-from runner.registry import register
+from runner.registry import Inputs, register
 
-RUNTIME_ARGS = ("generator", "key", "svd_cache")
+PAIR = Inputs(("instruct", "thinking"), donor="thinking")  # as the MI code: the output is Thinking's
+LIST = Inputs(("models",))
+TASK_VECTORS = Inputs(("models",), base="base", models=(1, None))
+
+
+def check_weights(params: dict, key: str) -> list[str]:
+    weights = params.get("weights")
+    if weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        return [f"{key}.weights: {weights!r} is not a list of numbers"]
+    return []
+
+
+def check_task_vectors(params: dict, key: str) -> list[str]:
+    if params.get("density") == 0:
+        return [f"{key}.density: 0 drops every task-vector entry; use a density in (0, 1]"]
+    return check_weights(params, key)
 
 
 def _weights(weights: list[float] | None, n: int) -> torch.Tensor:
@@ -31,7 +47,7 @@ def _expand(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.view(-1, *([1] * like.dim()))
 
 
-@register("merge_method", "interpolate")
+@register("merge_method", "interpolate", inputs=PAIR)
 def interpolate(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, lam: float = 0.5) -> torch.Tensor:
     """Model interpolation (MI): (1 - lam) * first + lam * second; exactly the inputs at lam 0 and 1.
 
@@ -42,7 +58,7 @@ def interpolate(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *
     return torch.lerp(first, second, lam)
 
 
-@register("merge_method", "linear")
+@register("merge_method", "linear", inputs=LIST, check=check_weights)
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, weights: list[float] | None = None,
            normalize: bool = True) -> torch.Tensor:
     """Weighted average sum(w_i * x_i) / sum(w_i) (normalize=false: the plain weighted sum)."""
@@ -53,7 +69,7 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, wei
     return out / sum(w) if normalize else out
 
 
-@register("merge_method", "slerp")
+@register("merge_method", "slerp", inputs=Inputs(("models",), models=(2, 2)), ranges={"t": (0.0, 1.0)})
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, t: float = 0.5,
           eps: float = 1e-8, dot_threshold: float = 0.9995) -> torch.Tensor:
     """Spherical interpolation from the first tensor (t=0) to the second (t=1), on the flattened tensors.
@@ -75,7 +91,7 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, t: f
     return (s0 * a + s1 * b).view(v0.shape).float()
 
 
-@register("merge_method", "task_arithmetic")
+@register("merge_method", "task_arithmetic", inputs=TASK_VECTORS, check=check_weights)
 def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, *, weights: list[float] | None = None,
                     lam: float = 1.0) -> torch.Tensor:
     """base + lam * sum(w_i * delta_i)."""
@@ -106,7 +122,7 @@ def _elect_and_merge(deltas: torch.Tensor, w: torch.Tensor, normalize: bool) -> 
     return torch.where(count > 0, total / count.clamp(min=1e-12), torch.zeros_like(total))
 
 
-@register("merge_method", "ties")
+@register("merge_method", "ties", inputs=TASK_VECTORS, ranges={"density": (0.0, 1.0)}, check=check_task_vectors)
 def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, density: float, weights: list[float] | None = None,
          lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
     """TIES: trim each task vector to its top-`density` magnitudes, elect a sign per entry, average the
@@ -128,7 +144,8 @@ def _dare(delta: torch.Tensor, density: float, rescale: str, generator: torch.Ge
     return dropped
 
 
-@register("merge_method", "dare_linear")
+@register("merge_method", "dare_linear", inputs=TASK_VECTORS, ranges={"density": (0.0, 1.0)},
+          choices={"rescale": ("l1", "density", "none")}, runtime=("generator",), check=check_task_vectors)
 def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, density: float = 0.7,
                 weights: list[float] | None = None, lam: float = 1.0, rescale: str = "l1",
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -138,7 +155,8 @@ def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, density: flo
     return base + lam * (deltas * _expand(w, base)).sum(0)
 
 
-@register("merge_method", "dare_ties")
+@register("merge_method", "dare_ties", inputs=TASK_VECTORS, ranges={"density": (0.0, 1.0)},
+          choices={"rescale": ("l1", "density", "none")}, runtime=("generator",), check=check_task_vectors)
 def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor, *, density: float = 0.7,
               weights: list[float] | None = None, lam: float = 1.0, rescale: str = "l1",
               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -155,7 +173,8 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     return math.exp(-float((p * torch.log(p + 1e-9)).sum()))
 
 
-@register("merge_method", "timber")
+@register("merge_method", "timber", inputs=Inputs(("instruct",), base="base", donor="instruct"),
+          ranges={"tail_scale": (0.0, 1.0)}, runtime=("key", "svd_cache"))
 def timber(tensors: list[torch.Tensor], base: torch.Tensor, *, tail_scale: float = 0.2, key: str | None = None,
            svd_cache=None) -> torch.Tensor:
     """Timber: keep the top ceil(eRank) directions of the Instruct-Base delta, scale the rest by tail_scale.

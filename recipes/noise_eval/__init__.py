@@ -23,7 +23,6 @@ No checkpoint is written (``noise.save_trials=true`` writes every noisy model); 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -35,14 +34,10 @@ from omegaconf import DictConfig
 # importing the noise module registers the noise models
 from recipes.noise_eval.noise import ReadNoise
 from runner import registry
-from runner.config import bounds, checked_blocks, component_params, method_block
+from runner.config import bounds, range_problem
 from runner.models import decoder_linears
-from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
-
-# ranges of the models' own parameters: (low, high) inclusive
-PARAM_RANGES = {"sigma": (0.0, None), "p_fault": (0.0, 1.0), "sa1_share": (0.0, 1.0), "t_inference": (0.0, None),
-                "levels": (3, None)}
 
 
 @dataclass
@@ -97,44 +92,33 @@ def restore(targets, clean: dict) -> None:
 @register("recipe", "noise_eval")
 class NoiseEval(Recipe):
     roles = ("model",)
-    blocks = ("noise",)
+    blocks = {"noise": NoiseConfig}
+    components = {"noise": (Component("noise_model", "model"),)}
     baseline_role = "model"
 
     def writes_checkpoint(self, cfg: DictConfig) -> bool:
         return False  # it measures; noise.save_trials writes many noisy models, none of them "the" output
 
-    def validate(self, cfg: DictConfig) -> list[str]:
-        blocks, problems = checked_blocks(cfg, ("noise", NoiseConfig))
-        if not blocks:
-            return problems
-        (n,) = blocks
-        unknown = registry.check_name("noise_model", n.model, key="noise.model")
-        if unknown:
-            return problems + unknown
+    def supplied(self, block: str, typed: DictConfig) -> dict[str, str]:
+        return {typed.param: "noise.param"} if block == "noise" else {}  # the swept one: its values are noise.sweep
+
+    def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
+        n, params = blocks["noise"], blocks.params["noise"]
+        problems = []
         if not n.sweep:
             problems.append("noise.sweep: empty; give the levels to sweep, e.g. [0, 0.01, 0.02]")
         if not n.seeds:
             problems.append("noise.seeds: empty; give at least one seed (3 or more for error bars)")
-        params = component_params(cfg, "noise", NoiseConfig)
-        perturb = registry.get("noise_model", n.model)
-        allowed = list(inspect.signature(perturb).parameters)[2:]
-        if n.param not in allowed:
-            problems.append(f"noise.param: {n.param!r} is not a parameter of noise model {n.model!r}; "
-                            f"choose one of {', '.join(allowed)}")
-        elif n.param in params:
+        swept = registry.contract("noise_model", n.model).params[n.param]
+        if n.param in params:
             problems.append(f"noise.{n.param}: set, but it is the swept parameter (noise.param); give its values in noise.sweep")
-        swept = {n.param: 0} if n.param in allowed else {}  # a bad noise.param is reported once, above
-        problems += registry.check_params(perturb, {**params, **swept}, key="noise", skip=2)
-        for key, values in [(n.param, list(n.sweep)), *[(k, [v]) for k, v in params.items()]]:
-            if key in PARAM_RANGES:
-                lo, hi = PARAM_RANGES[key]
-                bad = [v for v in values if not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi)]
-                if bad:
-                    where = "noise.sweep" if key == n.param else f"noise.{key}"
-                    limits = f">= {lo}" + (f" and <= {hi}" if hi is not None else "")
-                    problems.append(f"{where}: {bad} out of range for {key}; it must be {limits}")
-        if n.param == "levels" and any(float(v) != int(v) for v in n.sweep if isinstance(v, (int, float))):
-            problems.append(f"noise.sweep: {[v for v in n.sweep if float(v) != int(v)]} are not whole numbers of levels")
+        else:
+            bad = [v for v in n.sweep if range_problem("", v, swept.lo, swept.hi, swept.lo_open)]  # floats: levels are checked below
+            if bad:
+                limits = " and ".join([f">= {swept.lo}"] * (swept.lo is not None) + [f"<= {swept.hi}"] * (swept.hi is not None))
+                problems.append(f"noise.sweep: {bad} out of range for {n.param}; it must be {limits}")
+            if n.param == "levels" and any(float(v) != int(v) for v in n.sweep):
+                problems.append(f"noise.sweep: {[v for v in n.sweep if float(v) != int(v)]} are not whole numbers of levels")
         if not cfg.eval.tasks:
             problems.append("eval.tasks: empty; noise-eval measures accuracy, so it needs tasks (e.g. eval=toy_quick)")
         return problems
@@ -142,8 +126,7 @@ class NoiseEval(Recipe):
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
         from runner.evaluate import evaluate
 
-        n = method_block(cfg, "noise", NoiseConfig)
-        params = component_params(cfg, "noise", NoiseConfig)
+        n, params = ctx.blocks["noise"], ctx.blocks.params["noise"]
         perturb = registry.get("noise_model", n.model)
         model, tokenizer = ctx.load_model("model")
         model.eval()

@@ -27,7 +27,7 @@ def _normal(shape, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
-@register("noise_model", "prog_max")
+@register("noise_model", "prog_max", ranges={"sigma": (0.0, None)})
 def prog_max(weight: torch.Tensor, generator: torch.Generator, *, sigma: float, per_row: bool = False) -> torch.Tensor:
     """Programming noise relative to the largest weight: w + sigma * max|W| * eps (aihwkit ADD_NORMAL,
     rel_to_actual_wmax); the max is per tensor, or per output row with per_row."""
@@ -37,7 +37,7 @@ def prog_max(weight: torch.Tensor, generator: torch.Generator, *, sigma: float, 
     return weight + sigma * scale * _normal(weight.shape, generator)
 
 
-@register("noise_model", "prog_rel")
+@register("noise_model", "prog_rel", ranges={"sigma": (0.0, None)})
 def prog_rel(weight: torch.Tensor, generator: torch.Generator, *, sigma: float) -> torch.Tensor:
     """Programming noise relative to each weight: w * (1 + sigma * eps) (aihwkit MULT_NORMAL)."""
     if sigma == 0:
@@ -69,7 +69,7 @@ def _pcm_device(g: torch.Tensor, t: float, generator: torch.Generator) -> torch.
     return (drifted + sigma_read * _normal(g.shape, generator)).clamp(min=0)
 
 
-@register("noise_model", "pcm")
+@register("noise_model", "pcm", ranges={"t_inference": (0.0, None)})
 def pcm(weight: torch.Tensor, generator: torch.Generator, *, t_inference: float = 3600.0,
         drift_compensation: bool = True) -> torch.Tensor:
     """PCM conductances read at `t_inference` seconds after programming (t <= 20 s: programming noise only).
@@ -85,7 +85,7 @@ def pcm(weight: torch.Tensor, generator: torch.Generator, *, t_inference: float 
     return at_t * w_max / G_MAX
 
 
-@register("noise_model", "stuck_at")
+@register("noise_model", "stuck_at", ranges={"p_fault": (0.0, 1.0), "sa1_share": (0.0, 1.0)})
 def stuck_at(weight: torch.Tensor, generator: torch.Generator, *, p_fault: float, sa1_share: float = 0.5) -> torch.Tensor:
     """A fraction p_fault of devices (each weight is a g+/g- pair) is stuck: SA0 (g = 0) drops that
     polarity's contribution, SA1 (g = g_max) sets it to max|W|; sa1_share of the faults are SA1."""
@@ -100,7 +100,7 @@ def stuck_at(weight: torch.Tensor, generator: torch.Generator, *, p_fault: float
     return out[0] - out[1]
 
 
-@register("noise_model", "levels")
+@register("noise_model", "levels", ranges={"levels": (3, None)})
 def levels(weight: torch.Tensor, generator: torch.Generator, *, levels: int) -> torch.Tensor:
     """Limited conductance levels: the symmetric grid of 2 * floor((levels - 1) / 2) + 1 values in
     [-max|W|, max|W|], zero included, one scale per tensor (per-tensor round-to-nearest)."""

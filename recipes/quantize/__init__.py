@@ -31,14 +31,11 @@ from omegaconf import DictConfig
 from recipes.quantize import allocators, quantizers  # noqa: F401
 from recipes.quantize.calibration import calibration_rows, quantize_sequentially
 from runner import registry
-from runner.config import bounds, checked_blocks, component_params, method_block
+from runner.config import bounds
 from runner.errors import ConfigError
 from runner.models import decoder_linears
-from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
-
-# keys the recipe passes to a quantizer itself, never from the config's extra keys
-RUNTIME = ("hessian", "grid", "sym")
 
 
 @dataclass
@@ -92,37 +89,32 @@ def group_size_for(group_size: int, in_features: int) -> int:
 @register("recipe", "quantize")
 class Quantize(Recipe):
     roles = ("model",)
-    blocks = ("quant",)
+    blocks = {"quant": QuantConfig}
+    components = {"quant": (Component("quantizer", "method"), Component("bit_allocator", "allocator", "allocator_params"))}
     uses_data = True  # GPTQ calibration rows
     baseline_role = "model"
 
-    def validate(self, cfg: DictConfig) -> list[str]:
-        blocks, problems = checked_blocks(cfg, ("quant", QuantConfig))
-        if not blocks:
-            return problems
-        (q,) = blocks
-        unknown = registry.check_name("quantizer", q.method, key="quant.method")
-        if unknown:
-            return problems + unknown
-        fn = registry.get("quantizer", q.method)
-        problems += registry.check_params(fn, component_params(cfg, "quant", QuantConfig), key="quant", skip=3,
-                                          runtime=RUNTIME)
+    def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
+        q = blocks["quant"]
+        quantizer = registry.contract("quantizer", q.method)
+        problems = []
         if q.group_size == 0 or q.group_size < -1:
             problems.append(f"quant.group_size: {q.group_size} is not allowed; give a positive number of columns "
                             "(e.g. 128) or -1 for per-channel")
-        if q.sym and "sym" not in _params_of(fn):
+        if q.sym and "sym" not in quantizer.runtime:
             problems.append(f"quant.sym: quantizer {q.method!r} has no symmetric grid; set quant.sym=false")
         problems += _bad_regex(list(q.targets), "quant.targets") + _bad_regex(list(q.ignore), "quant.ignore")
         if q.allocator is not None:
-            problems += self._check_allocator(q)
+            problems += self._check_allocator(q, quantizer)
         elif q.avg_bits is not None:
             problems.append("quant.avg_bits: set, but no quant.allocator distributes it; "
                             "set quant.allocator=lieq|nsds|uniform or remove avg_bits")
         if q.export == "compressed_tensors":
             from recipes.quantize.export import available
 
-            if q.method not in quantizers.PACKABLE:
-                problems.append(f"quant.export: compressed_tensors stores integer grids ({', '.join(sorted(quantizers.PACKABLE))}); "
+            packable = sorted(n for n in registry.names("quantizer") if registry.contract("quantizer", n).storage.packable)
+            if not quantizer.storage.packable:
+                problems.append(f"quant.export: compressed_tensors stores integer grids ({', '.join(packable)}); "
                                 f"{q.method!r} cannot be packed exactly; use quant.export=none")
             elif not available():
                 problems.append("quant.export: compressed_tensors needs the compressed-tensors package; "
@@ -130,13 +122,9 @@ class Quantize(Recipe):
         return problems
 
     @staticmethod
-    def _check_allocator(q) -> list[str]:
-        unknown = registry.check_name("bit_allocator", q.allocator, key="quant.allocator")
-        if unknown:
-            return unknown
-        problems = registry.check_params(registry.get("bit_allocator", q.allocator), dict(q.allocator_params),
-                                         key="quant.allocator_params", skip=3)
-        if q.method in quantizers.FIXED_CODE:
+    def _check_allocator(q, quantizer) -> list[str]:
+        problems = []
+        if quantizer.storage.code_bits is not None:
             problems.append(f"quant.allocator: quantizer {q.method!r} has a fixed code size; it cannot take per-layer bits")
         choices = list(q.bit_choices)
         bad = [b for b in choices if not 1 <= b <= 8]
@@ -151,23 +139,22 @@ class Quantize(Recipe):
         return problems
 
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
-        q = method_block(cfg, "quant", QuantConfig)
-        params = component_params(cfg, "quant", QuantConfig)
+        q, params = ctx.blocks["quant"], ctx.blocks.params["quant"]
         quantize = registry.get("quantizer", q.method)
+        quantizer = registry.contract("quantizer", q.method)
         model, tokenizer = ctx.load_model("model")
         model.eval()
         targets = select_targets(model, q)
         if not targets:
             raise ConfigError("quant.targets/quant.ignore: no decoder linear layer of the model is left to quantize")
         layer_bits, scores = self._allocate(q, targets, ctx)
-        accepts_sym = "sym" in _params_of(quantize)
         meta, grids = {}, {}
 
         def quantize_module(name: str, module: torch.nn.Linear, layer: int, hessian=None) -> None:
             bits = layer_bits.get(layer, q.bits)
             g = group_size_for(q.group_size, module.in_features)
             kwargs = dict(params)
-            if accepts_sym:
+            if "sym" in quantizer.runtime:
                 kwargs["sym"] = q.sym
             if hessian is not None:
                 kwargs["hessian"] = hessian
@@ -180,12 +167,12 @@ class Quantize(Recipe):
             if grid is not None:  # the export needs the scales and zeros only; it re-derives the codes
                 grids[name] = {"scale": grid["scale"], "zero": grid["zero"]}
             meta[name] = {"layer": layer, "method": q.method,
-                          "bits": None if q.method in quantizers.FIXED_CODE else bits, "group_size": g, "sym": q.sym,
+                          "bits": None if quantizer.storage.code_bits is not None else bits, "group_size": g, "sym": q.sym,
                           "params": module.weight.numel(),
                           "error_sq": float((w - original).pow(2).sum()), "norm_sq": float(original.pow(2).sum()),
-                          **quantizers.bit_accounting(q.method, bits, g, module.in_features, q.sym)}
+                          **quantizer.storage.accounting(bits, g, module.in_features, q.sym)}
 
-        if q.method == "gptq":
+        if "hessian" in quantizer.runtime:  # it quantizes against the inputs each layer sees
             rows = calibration_rows(cfg.data, tokenizer, q.calib_samples, q.calib_seqlen, cfg.seed)
             ctx.log.info("gptq: %d calibration rows of %d tokens from data.source=%s", len(rows), rows.shape[1],
                          cfg.data.source)
@@ -240,12 +227,6 @@ class Quantize(Recipe):
         ctx.log.info("%s allocation under %.3f bits: %s", q.allocator, q.avg_bits,
                      ", ".join(f"L{i}={b} (score {allocation.scores.get(i, 0):.4g})" for i, b in sorted(allocation.items())))
         return dict(allocation), dict(allocation.scores)
-
-
-def _params_of(fn) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(fn).parameters)
 
 
 def summarize(meta: dict[str, dict], layer_bits: dict[int, int], scores: dict[int, float]) -> dict:

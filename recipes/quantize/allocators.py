@@ -131,7 +131,7 @@ def lieq_scores(layers, metric: str = "compactness", top: float = 0.01) -> dict[
     return scores
 
 
-@register("bit_allocator", "lieq")
+@register("bit_allocator", "lieq", ranges={"top": (0, 1, "open")}, choices={"metric": ("compactness", "energy")})
 def lieq(layers, avg_bits: float, choices, *, metric: str = "compactness", top: float = 0.01) -> Allocation:
     """LieQ-style [R]: layers whose spectra are more concentrated (training-induced energy
     concentration, i.e. compact) are treated as more sensitive and get the extra bits first.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -78,7 +79,37 @@ def _fill(grid: dict | None, **tensors) -> None:
         grid.update(tensors)
 
 
-@register("quantizer", "rtn")
+# --- bit accounting ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Storage:
+    """What one quantized weight costs, declared with each quantizer (its contract's ``storage``).
+
+    The code takes the configured bits unless the method fixes it (`code_bits`, stored as
+    `stored_bits`); each group adds its scale and zero: fp16 scale and a b-bit zero for an integer
+    grid (16 with a symmetric one), fp16 scale and fp16 zero for HQQ's float zero.
+    """
+
+    code_bits: float | None = None  # fixed by the method (PTQTP's two trits: log2 9); None: the bits
+    stored_bits: float | None = None  # how a fixed code is stored (five trits a byte: 2 x 1.6)
+    float_zero: bool = False  # the zero is an fp16 number, not a code
+    scales: int = 1  # fp16 scales per group (PTQTP: one per trit plane)
+    packable: bool = False  # the compressed-tensors export stores it exactly (an integer grid and zero)
+
+    def accounting(self, bits: int, group_size: int, in_features: int, sym: bool) -> dict:
+        """Code bits and effective bits per weight (code + scale and zero storage) of one module."""
+        g = in_features if group_size == -1 else group_size
+        if self.code_bits is not None:
+            return {"code_bits": self.code_bits, "effective_bits": self.stored_bits + 16 * self.scales / g}
+        zero = 16 if self.float_zero else 0 if sym else bits
+        return {"code_bits": bits, "effective_bits": bits + (16 * self.scales + zero) / g}
+
+
+INTEGER_GRID = Storage(packable=True)
+
+
+@register("quantizer", "rtn", runtime=("sym", "grid"), storage=INTEGER_GRID)
 def rtn(weight: torch.Tensor, bits: int, group_size: int, *, sym: bool = False, mse_clip: bool = False,
         grid: dict | None = None) -> torch.Tensor:
     """Round to nearest on the per-group grid; ``mse_clip`` searches a shrunk range per group."""
@@ -95,7 +126,8 @@ def _shrink_lp(x: torch.Tensor, p: float, beta: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp_min(1e-12).pow(p - 1) / beta)
 
 
-@register("quantizer", "hqq")
+@register("quantizer", "hqq", ranges={"p": (0.0, 1.0, "open"), "beta": (0.0, None, "open"),
+                                      "kappa": (1.0, None), "iters": (1, None)}, storage=Storage(float_zero=True))
 def hqq(weight: torch.Tensor, bits: int, group_size: int, *, p: float = 0.7, beta: float = 10.0,
         kappa: float = 1.01, iters: int = 20) -> torch.Tensor:
     """Half-quadratic quantization (calibration-free): asymmetric, the zero point optimised in float.
@@ -125,7 +157,8 @@ def hqq(weight: torch.Tensor, bits: int, group_size: int, *, p: float = 0.7, bet
     return ((wq - best_zero) / inv_scale).reshape(w.shape)
 
 
-@register("quantizer", "gptq")
+@register("quantizer", "gptq", runtime=("hessian", "sym", "grid"), storage=INTEGER_GRID,
+          ranges={"damp": (0.0, None), "block_size": (1, None)})
 def gptq(weight: torch.Tensor, bits: int, group_size: int, *, hessian: torch.Tensor, sym: bool = False,
          damp: float = 0.01, block_size: int = 128, act_order: bool = False, mse_clip: bool = False,
          grid: dict | None = None) -> torch.Tensor:
@@ -234,33 +267,11 @@ def ptqtp_planes(weight: torch.Tensor, group_size: int, *, iters: int = 50, tol:
     return t1, t2, a1, a2, errors
 
 
-@register("quantizer", "ptqtp")
+@register("quantizer", "ptqtp", ranges={"iters": (1, None), "tol": (0.0, None), "ridge": (0.0, None)},
+          storage=Storage(code_bits=math.log2(9), stored_bits=3.2, scales=2))
 def ptqtp(weight: torch.Tensor, bits: int, group_size: int, *, iters: int = 50, tol: float = 1e-4,
           ridge: float = 1e-6) -> torch.Tensor:
     """PTQTP: W ~ diag(a1) T1 + diag(a2) T2 with ternary T, per row and group [R]; ``bits`` is unused
     (two trit planes: log2(9) = 3.17 bits of code per weight)."""
     t1, t2, a1, a2, _ = ptqtp_planes(weight, group_size, iters=iters, tol=tol, ridge=ridge)
     return (a1.unsqueeze(-1) * t1 + a2.unsqueeze(-1) * t2).reshape(weight.shape)
-
-
-# --- bit accounting ------------------------------------------------------------------------------
-
-# quantizers whose `bits` does not set the code size
-FIXED_CODE = {"ptqtp"}
-# quantizers the compressed-tensors export can store exactly (an integer grid with an integer zero)
-PACKABLE = {"rtn", "gptq"}
-
-
-def bit_accounting(method: str, bits: int, group_size: int, in_features: int, sym: bool) -> dict:
-    """Code bits and effective bits per weight (code + scale and zero storage) of one module.
-
-    Integer grids: b + (16 + b) / g asymmetric (fp16 scale, b-bit zero), b + 16 / g symmetric.
-    HQQ keeps a float zero: b + 32 / g. PTQTP: two trits carry log2(9) = 3.17 bits; stored five
-    trits per byte that is 2 x 1.6 bits, plus two fp16 scales per group.
-    """
-    g = in_features if group_size == -1 else group_size
-    if method == "ptqtp":
-        return {"code_bits": math.log2(9), "effective_bits": 3.2 + 32 / g}
-    if method == "hqq":
-        return {"code_bits": bits, "effective_bits": bits + 32 / g}
-    return {"code_bits": bits, "effective_bits": bits + (16 if sym else 16 + bits) / g}

@@ -3,8 +3,8 @@
 Call shape (DESIGN.md): ``select(token_logprobs, mask, **params) -> keep_mask``. ``token_logprobs``
 holds the current policy's log-probability of each target token (detached), ``mask`` the response
 tokens; the result is a boolean keep mask, or float weights in [0, 1] for soft selectors (DFT).
-Keyword arguments in `RUNTIME_ARGS` are supplied by the recipe (a reference model's log-probs, the
-policy's entropy, a seeded generator), never by the config.
+Keyword arguments registered as ``runtime`` are supplied by the recipe (a reference model's log-probs,
+the policy's entropy, a seeded generator), never by the config.
 """
 
 from __future__ import annotations
@@ -15,11 +15,19 @@ import torch
 
 from runner.registry import register
 
-RUNTIME_ARGS = ("reference_logprobs", "entropy", "generator")
 DIRECTIONS = ("higher", "lower", "middle", "random")
 
 
-@register("token_selector", "profit")
+def _check_middle(params: dict, key: str) -> list[str]:
+    """direction=middle keeps tau <= p <= tau_high, so it needs tau_high in [tau, 1]."""
+    tau, tau_high = params.get("tau", 0.1), params.get("tau_high")
+    if params.get("direction") == "middle" and not (tau_high is not None and tau <= tau_high <= 1):
+        return [f"{key}.tau_high: direction=middle needs tau <= tau_high <= 1"]
+    return []
+
+
+@register("token_selector", "profit", ranges={"tau": (0, 1), "tau_high": (0, 1)}, choices={"direction": DIRECTIONS},
+          runtime=("generator",), check=_check_middle)
 def profit(token_logprobs: torch.Tensor, mask: torch.Tensor, *, tau: float = 0.1, direction: str = "higher",
            tau_high: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """ProFit: gate each token by the policy's own probability p of it (stop-gradient).
@@ -62,7 +70,7 @@ def _top_fraction(score: torch.Tensor, mask: torch.Tensor, fraction: float) -> t
     return keep
 
 
-@register("token_selector", "rho1")
+@register("token_selector", "rho1", ranges={"keep_ratio": (0, 1, "open")}, runtime=("reference_logprobs",))
 def rho1(token_logprobs: torch.Tensor, mask: torch.Tensor, *, keep_ratio: float = 0.6,
          reference_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """Rho-1 selective language modelling: keep the top `keep_ratio` of the batch's tokens by excess
@@ -73,7 +81,8 @@ def rho1(token_logprobs: torch.Tensor, mask: torch.Tensor, *, keep_ratio: float 
     return _top_fraction(reference_logprobs - token_logprobs, mask, keep_ratio)
 
 
-@register("token_selector", "quantile")
+@register("token_selector", "quantile", ranges={"rho": (0, 1, "open")}, choices={"by": ("prob", "entropy")},
+          runtime=("entropy",))
 def quantile(token_logprobs: torch.Tensor, mask: torch.Tensor, *, rho: float = 0.5, by: str = "prob",
              entropy: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the top `rho` fraction of the batch's tokens by the policy's probability of the target

@@ -25,12 +25,12 @@ from typing import List, Optional
 from omegaconf import DictConfig
 
 from recipes.merge.engine import Selection, merge_models
-from runner.config import bounds, checked_blocks, method_block, unknown_keys
+from runner.config import bounds
 from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.lora import LoraConfig, with_lora
 from runner.models import DTYPES, check_same_vocab, load_tokenizer, resolve_model_path
-from runner.recipe import Recipe, RecipeResult, RunContext
+from runner.recipe import Blocks, Recipe, RecipeResult, RunContext
 from runner.registry import register
 from runner.tensorio import parse_size
 from runner.train import causal_lm_loss, train
@@ -83,19 +83,13 @@ NEEDS = {"base": ("base",), "instruct": (), "none": ("base", "tuned_base")}
 class ShadowFT(Recipe):
     roles = ("instruct",)
     optional_roles = ("base", "tuned_base")
-    blocks = ("graft", "lora")
+    blocks = {"graft": GraftConfig, "lora": LoraConfig}
     uses_data = True
     baseline_role = "instruct"
 
-    def validate(self, cfg: DictConfig) -> list[str]:
-        blocks, problems = checked_blocks(cfg, ("graft", GraftConfig), ("lora", LoraConfig))
-        if not blocks:
-            return problems
-        g, lora = blocks
-        problems += unknown_keys(cfg, "graft", set(GraftConfig.__dataclass_fields__))
-        problems += unknown_keys(cfg, "lora", set(LoraConfig.__dataclass_fields__))
-        if problems:
-            return problems
+    def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
+        g, lora = blocks["graft"], blocks["lora"]
+        problems = []
         needs = NEEDS[g.tune]
         for role in self.optional_roles:
             if role in needs and cfg.get(role) is None:
@@ -114,8 +108,7 @@ class ShadowFT(Recipe):
         return problems
 
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
-        g = method_block(cfg, "graft", GraftConfig)
-        lora = method_block(cfg, "lora", LoraConfig)
+        g, lora = ctx.blocks["graft"], ctx.blocks["lora"]
         if g.tune == "instruct":
             model, tokenizer = ctx.load_model("instruct")
             model, result = self._tune(model, tokenizer, lora, cfg, ctx, "instruct_ft")

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from recipes.distill.losses import adaptive_kl, forward_kl, generalized_jsd
 from recipes.distill.objective import KDObjective
 from recipes.distill.onpolicy import (
     GKD,
@@ -14,6 +13,7 @@ from recipes.distill.onpolicy import (
     prompts_of,
     rollout,
 )
+from runner import registry
 from runner.config import DataConfig
 from runner.data import IGNORE, build_dataset, collate
 from runner.errors import ConfigError
@@ -42,14 +42,19 @@ def grads_of(objective, student, teacher, batch):
     return out, {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
-@pytest.mark.parametrize("divergence,params,extra", [
-    (forward_kl, {}, {}),
-    (adaptive_kl, {"mu": 0.5}, {"kd_ratio": 0.7}),
-    (generalized_jsd, {"beta": 0.3}, {"loca_alpha": 0.9, "temperature": 2.0}),
-    (forward_kl, {}, {"topk": 5}),
+def kd_loss(name):
+    return registry.get("kd_loss", name)
+
+
+@pytest.mark.parametrize("name,params,extra", [
+    ("fkl", {}, {}),
+    ("akl", {"mu": 0.5}, {"kd_ratio": 0.7}),
+    ("jsd", {"beta": 0.3}, {"loca_alpha": 0.9, "temperature": 2.0}),
+    ("fkl", {}, {"topk": 5}),
 ])
-def test_chunked_loss_equals_unchunked_in_value_and_gradient(pair, batch, divergence, params, extra):
+def test_chunked_loss_equals_unchunked_in_value_and_gradient(pair, batch, name, params, extra):
     student, teacher, tok = pair
+    divergence = kd_loss(name)
     naive = KDObjective(divergence, params, chunk_size=0, vocab_size=len(tok), **extra)
     chunked = KDObjective(divergence, params, chunk_size=7, vocab_size=len(tok), **extra)
     out_a, grads_a = grads_of(naive, student, teacher, batch)
@@ -62,8 +67,8 @@ def test_chunked_loss_equals_unchunked_in_value_and_gradient(pair, batch, diverg
 
 def test_kd_ratio_mixes_ce(pair, batch):
     student, teacher, tok = pair
-    kd_only = KDObjective(forward_kl, kd_ratio=1.0, vocab_size=len(tok))(student, teacher, batch)
-    half = KDObjective(forward_kl, kd_ratio=0.5, vocab_size=len(tok))(student, teacher, batch)
+    kd_only = KDObjective(kd_loss("fkl"), kd_ratio=1.0, vocab_size=len(tok))(student, teacher, batch)
+    half = KDObjective(kd_loss("fkl"), kd_ratio=0.5, vocab_size=len(tok))(student, teacher, batch)
     assert half.loss.item() == pytest.approx(0.5 * kd_only.logs["kd"] + 0.5 * kd_only.logs["ce"], rel=1e-5)
     ce = student(**{k: batch[k] for k in ("input_ids", "attention_mask")}, labels=batch["labels"]).loss.item()
     assert kd_only.logs["ce"] == pytest.approx(ce, rel=1e-5)  # CE is plain next-token cross-entropy
@@ -73,7 +78,7 @@ def test_all_masked_batch_is_zero(pair, batch):
     student, teacher, tok = pair
     empty = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
     for chunk in (0, 4):
-        out = KDObjective(forward_kl, chunk_size=chunk, kd_ratio=0.5, vocab_size=len(tok))(student, teacher, empty)
+        out = KDObjective(kd_loss("fkl"), chunk_size=chunk, kd_ratio=0.5, vocab_size=len(tok))(student, teacher, empty)
         assert out.loss.item() == 0.0 and out.num_tokens == 0
 
 
@@ -99,7 +104,7 @@ def test_padded_vocabulary_rows_are_ignored(pair, batch, caplog):
         log = logging.getLogger("test")
 
     assert Distill._common_vocab(student, padded, len(tok), Ctx) == len(tok)
-    objective = KDObjective(forward_kl, vocab_size=len(tok))
+    objective = KDObjective(kd_loss("fkl"), vocab_size=len(tok))
     assert torch.isfinite(objective(student, padded, batch).loss)
     short = load_model({"path": str(teacher.name_or_path), "dtype": "float32"})[0]
     short.resize_token_embeddings(len(tok) - 10)
@@ -121,7 +126,7 @@ def test_rollout_replaces_responses_with_student_samples(pair, batch, toy_tokeni
 
 def test_gkd_draws_student_batches_at_the_configured_rate(pair):
     student, teacher, tok = pair
-    gkd = GKD(KDObjective(generalized_jsd), teacher, lambda m: m, 0.3, Sampling(), 0, 2, seed=5)
+    gkd = GKD(KDObjective(kd_loss("jsd")), teacher, lambda m: m, 0.3, Sampling(), 0, 2, seed=5)
     draws = [gkd.uses_student(s) for s in range(2000)]
     assert 0.27 < sum(draws) / 2000 < 0.33
     assert draws == [gkd.uses_student(s) for s in range(2000)]  # a function of (seed, step)
@@ -178,7 +183,7 @@ def test_other_distill_recipes_run(compose, tmp_path, recipe):
 
 @pytest.mark.parametrize("override,expected", [
     ("loss.name=kll", "loss.name: unknown kd_loss 'kll'. Did you mean"),
-    ("+loss.muu=0.3", "loss.muu: unknown key for loss 'akl'. Did you mean 'mu'?"),
+    ("+loss.muu=0.3", "loss.muu: unknown parameter. Did you mean 'mu'?"),
     ("loss.mu=1.5", "loss.mu: 1.5 is out of range"),
     ("loss.kd_ratio=2", "loss.kd_ratio: 2.0 is out of range"),
     ("+onpolicy.mode=gkd", "data.packing: on-policy modes answer each example's prompt"),

@@ -487,7 +487,7 @@ def test_named_merge_recipes_are_valid(compose, recipe):
     ("recipe=slerp_merge +merge.lam=0.5", "merge.lam: unknown parameter."),
     ("recipe=mi_merge merge.donor=teacher", "merge.donor: 'teacher' is not one of this merge's inputs"),
     ("recipe=mi_merge merge.outside=base", "merge.outside: 'base' is not one of this merge's inputs"),
-    ("recipe=dare_merge +merge.rescale=l2", "merge.rescale: 'l2' is not allowed; choose l1, density or none"),
+    ("recipe=dare_merge +merge.rescale=l2", "merge.rescale: 'l2' is not allowed. Choose one of l1, density, none"),
     ("recipe=dare_merge +merge.generator=3", "merge.generator: supplied at run time, not by the config"),
     ("recipe=mi_merge merge.dtype=fp8", "merge.dtype: 'fp8' is not allowed"),
 ])

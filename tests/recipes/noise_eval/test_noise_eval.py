@@ -167,7 +167,7 @@ def test_redundant_layer_ranges():
     ("noise.sweep=[-0.1,0.1]", "noise.sweep: [-0.1] out of range for sigma; it must be >= 0.0"),
     ("noise.seeds=[]", "noise.seeds: empty"),
     ("+noise.sigma=0.1", "noise.sigma: set, but it is the swept parameter"),
-    ("recipe=stuck_at +noise.sa1_share=2", "noise.sa1_share: [2] out of range"),
+    ("recipe=stuck_at +noise.sa1_share=2", "noise.sa1_share: 2 is out of range"),
     ("noise.model=levels noise.param=levels noise.sweep=[2,16]", "noise.sweep: [2.0] out of range for levels"),
     ("noise.model=levels noise.param=levels noise.sweep=[16.5]", "noise.sweep: [16.5] are not whole numbers of levels"),
     ("+noise.per_rows=true", "noise.per_rows: unknown parameter. Did you mean 'per_row'?"),
