@@ -28,7 +28,7 @@ def bounds(lo=None, hi=None, *, lo_open=False, choices=None) -> dict:
 @dataclass
 class ModelSpec:
     path: str = MISSING  # toy zoo name, local folder or hub id
-    dtype: str = field(default="auto", metadata=bounds(choices=("auto", "float32", "bfloat16", "float16")))
+    dtype: str = "auto"  # checked with the rest of the spec by runner.models.check_model_spec
     trust_remote_code: bool = False
     revision: Optional[str] = None
 
@@ -46,11 +46,11 @@ class DataFields:
 @dataclass
 class DataConfig:
     source: str = "toy"  # a registered data source (toy), jsonl or hub; checked by runner.data
-    # toy world
-    format: str = "instruct"  # plain | instruct | thinking
-    difficulty: str = "mixed"  # easy | hard | mixed
+    # toy world (checked by its data source, runner/toy)
+    format: str = "instruct"  # plain, instruct or thinking
+    difficulty: str = "mixed"  # easy, hard or mixed
     variation: float = field(default=0.0, metadata=bounds(0, 1))  # probability of a varied phrasing around the answer
-    question_style: str = field(default="symbols", metadata=bounds(choices=("symbols", "words")))  # 7*9+17=? or in words
+    question_style: str = "symbols"  # 7*9+17=? (symbols) or in words
     # files and hub
     path: Optional[str] = None  # JSONL file (source=jsonl)
     name: Optional[str] = None  # hub dataset id (source=hub)
@@ -174,7 +174,7 @@ def register_configs() -> None:
 
 def check_fields(node: Any, schema: type, key: str) -> list[str]:
     """Range and choice problems of `node` against the field metadata of dataclass `schema`."""
-    from runner.registry import did_you_mean
+    from runner.registry import not_allowed
 
     problems = []
     hints = typing.get_type_hints(schema)
@@ -191,8 +191,7 @@ def check_fields(node: Any, schema: type, key: str) -> list[str]:
             continue
         if meta["choices"] is not None:
             if value not in meta["choices"]:
-                problems.append(f"{full}: {value!r} is not allowed.{did_you_mean(str(value), meta['choices'])} "
-                                f"Choose one of {', '.join(map(str, meta['choices']))}")
+                problems.append(not_allowed(full, value, meta["choices"]))
             continue
         problem = range_problem(full, value, meta["lo"], meta["hi"], meta["lo_open"])
         if problem:

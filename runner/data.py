@@ -46,8 +46,7 @@ def check_data_spec(data: Any, key: str = "data") -> list[str]:
     problems = []
     source = data.source
     if source not in sources():
-        return [f"{key}.source: {source!r} is not allowed.{registry.did_you_mean(source, sources())} "
-                f"Choose one of {', '.join(sources())}"]
+        return [registry.not_allowed(f"{key}.source", source, sources())]
     if source not in FILE_SOURCES:
         problems += registry.get("data_source", source).check(data, key)
     elif source == "jsonl":

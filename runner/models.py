@@ -67,13 +67,13 @@ def check_model_spec(spec: Any, key: str) -> list[str]:
     Cheap: reads config.json and safetensors headers, never weights. Names a model source provides
     (the toy zoo's) always pass: the source builds or converts them on first use.
     """
-    from runner.registry import did_you_mean
+    from runner.registry import did_you_mean, not_allowed
 
     problems = []
     path = _spec_get(spec, "path")
     dtype = _spec_get(spec, "dtype", "auto")
     if dtype not in DTYPE_CHOICES:
-        problems.append(f"{key}.dtype: {dtype!r} is not allowed; choose one of {', '.join(DTYPE_CHOICES)}")
+        problems.append(not_allowed(f"{key}.dtype", dtype, DTYPE_CHOICES))
     if not path:
         return problems + [f"{key}.path: missing; give {_what_a_path_is()}"]
     path = str(path)

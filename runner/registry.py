@@ -114,8 +114,7 @@ class Param:
         if self.type is not None and not _is_a(value, self.type):
             return [f"{key}: {value!r} is not {_TYPE_WORDS.get(self.type, self.type.__name__)}"]
         if self.choices is not None and value not in self.choices:
-            return [f"{key}: {value!r} is not allowed.{did_you_mean(str(value), map(str, self.choices))} "
-                    f"Choose one of {', '.join(map(str, self.choices))}"]
+            return [not_allowed(key, value, self.choices)]
         if self.lo is not None or self.hi is not None:
             problem = range_problem(key, value, self.lo, self.hi, self.lo_open)
             return [problem] if problem else []
@@ -259,6 +258,12 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest candidate, or '' when nothing is close."""
     close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def not_allowed(key: str, value: Any, allowed: Iterable) -> str:
+    """The one message for a value outside a choice list, with a did-you-mean."""
+    allowed = [str(a) for a in allowed]
+    return f"{key}: {value!r} is not allowed.{did_you_mean(str(value), allowed)} Choose one of {', '.join(allowed)}"
 
 
 def unknown_name_message(kind: str, name: str, valid: Iterable[str], key: str | None = None) -> str:

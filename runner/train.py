@@ -39,8 +39,6 @@ from runner.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 STATE_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from runner import atomic
+from runner import atomic, registry
 from runner.errors import ConfigError
 from runner.models import DTYPES
 from runner.tensorio import ShardedWriter, TensorSource, parse_size
@@ -176,7 +176,7 @@ def merge_models(
     donor_config = TensorSource(donor).config()
     out_dtype = dtype or _dtype_name(donor_config)
     if out_dtype not in DTYPES:
-        raise ConfigError(f"merge.dtype: {out_dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
+        raise ConfigError(registry.not_allowed("merge.dtype", out_dtype, DTYPES))
     accepts = inspect.signature(method).parameters
     writer = ShardedWriter(out_dir, parse_size(max_shard_size))
     merged = copied = 0

@@ -32,14 +32,12 @@ class ZooSource:
 
 class ToyData:
     def check(self, data, key: str) -> list[str]:
-        from runner.toy.tasks import DIFFICULTIES, FORMATS
+        from runner.registry import not_allowed
+        from runner.toy.tasks import DIFFICULTIES, FORMATS, QUESTION_STYLES
 
-        problems = []
-        if data.format not in FORMATS:
-            problems.append(f"{key}.format: {data.format!r} is not allowed; choose one of {', '.join(FORMATS)}")
-        if data.difficulty not in DIFFICULTIES:
-            problems.append(f"{key}.difficulty: {data.difficulty!r} is not allowed; choose one of {', '.join(DIFFICULTIES)}")
-        return problems
+        return [not_allowed(f"{key}.{name}", data[name], allowed)
+                for name, allowed in (("format", FORMATS), ("difficulty", DIFFICULTIES),
+                                      ("question_style", QUESTION_STYLES)) if data[name] not in allowed]
 
     def load(self, data) -> list[dict]:
         from runner.toy.tasks import TaskSpec, make_examples

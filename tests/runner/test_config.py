@@ -41,7 +41,7 @@ def test_wrong_type_is_refused_while_composing(compose):
     ("model.dtype=fp8", "model.dtype: 'fp8' is not allowed."),
     ("data.variation=2", "data.variation: 2.0 is out of range; it must be >= 0 and <= 1"),
     ("eval.limit=0", "eval.limit: 0 is out of range; it must be >= 1"),
-    ("data.format=chat", "data.format: 'chat' is not allowed; choose one of plain, instruct, thinking"),
+    ("data.format=chat", "data.format: 'chat' is not allowed. Choose one of plain, instruct, thinking"),
     ("kind=sftt", "kind: unknown recipe 'sftt'. Did you mean 'sft'? Valid names: distill, "),
     ("+typo=3", "typo: unknown top-level key."),
     ("+loss.mu=0.5", "loss: set, but recipe kind 'sft' does not read a 'loss' block"),
