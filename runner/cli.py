@@ -50,6 +50,11 @@ def main_job(cfg: DictConfig) -> dict[str, Any] | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     quiet_libraries()
     try:
+        if multirun:
+            left_out = leave_out_unused_roles(cfg)
+            if left_out:
+                log.warning("note: recipe %s does not take %s; this job runs without %s", cfg.name,
+                            ", ".join(left_out), "it" if len(left_out) == 1 else "them")
         return run_job(cfg, hydra_cfg.runtime.output_dir)
     except RunnerError as exc:
         log.error("%s", exc)
@@ -57,6 +62,26 @@ def main_job(cfg: DictConfig) -> dict[str, Any] | None:
         if multirun:
             return None  # the sweep goes on; its summary reports this job as failed
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def leave_out_unused_roles(cfg: DictConfig) -> list[str]:
+    """Unset the model roles this job's recipe does not take; returns them.
+
+    A sweep across recipes (``-m recipe=shadow_ft,instruct_ft base.path=X``) sets every role for
+    every job; each job keeps the ones its recipe reads. A single run keeps them all, so that a role
+    set by mistake is an error that names the roles the recipe does take.
+    """
+    from runner import registry
+    from runner.config import ROLES
+
+    registry.import_plugins(list(cfg.plugins))
+    if cfg.get("kind") == "pipeline" or cfg.get("kind") not in registry.names("recipe"):
+        return []  # a pipeline's steps, and an unknown kind, are reported by validation
+    uses = registry.get("recipe", cfg.kind)().uses(cfg)
+    left_out = [r for r in (*ROLES, "models") if r not in uses and cfg.get(r)]
+    for role in left_out:
+        cfg[role] = [] if role == "models" else None
+    return left_out
 
 
 def _not_custom_kwargs_note(record: logging.LogRecord) -> bool:

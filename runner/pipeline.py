@@ -48,7 +48,7 @@ from runner.errors import ConfigError, RunnerError
 from runner.recipe import Recipe
 from runner.registry import did_you_mean
 from runner.resume import find_completed
-from runner.run import import_components, run, validate
+from runner.run import run, validate
 
 log = logging.getLogger("runner")
 
@@ -89,7 +89,7 @@ class PipelineStepFailed(RunnerError):
 
 def plan(cfg: DictConfig) -> tuple[list[Step], list[str]]:
     """The steps of a pipeline config, composed and validated, and every problem found."""
-    import_components(list(cfg.plugins))
+    registry.import_plugins(list(cfg.plugins))
     problems = check_top_level(cfg) + check_fields(cfg, RunConfig, "")
     problems += check_roles(cfg, (), (), "pipeline") + check_unused_blocks(cfg, ("pipeline",), "pipeline")
     p, _, block_problems = check_block(cfg, "pipeline", PipelineConfig)

@@ -92,6 +92,11 @@ class Recipe:
         one), each with the config key that names it."""
         return {}
 
+    def uses(self, cfg: DictConfig) -> set[str]:
+        """The model roles this config of the recipe reads (override when its method decides); a sweep
+        across recipes leaves the others out of this recipe's jobs."""
+        return set(self.roles + self.optional_roles)
+
     def baseline_for(self, cfg: DictConfig) -> str | None:
         """The role `eval.baseline=true` evaluates for this config (override when it depends on it)."""
         return self.baseline_role

@@ -196,6 +196,17 @@ def load_builtins() -> None:
         importlib.import_module(BUILTINS)
 
 
+def import_plugins(plugins: Iterable[str]) -> None:
+    """Register the built-ins, then import the user's plugin modules (``plugins=[my_pkg.methods]``),
+    whose decorators register their components."""
+    load_builtins()
+    for name in plugins:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"plugins: cannot import {name!r} ({exc})") from None
+
+
 def _check_kind(kind: str) -> dict[str, Any]:
     if kind not in _REGISTRY:
         raise ValueError(f"unknown registry kind {kind!r}; kinds are: {', '.join(KINDS)}")

@@ -8,7 +8,6 @@ results.json is written (atomically) with the status.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from runner.config import (
     check_unused_blocks,
     raise_if,
 )
-from runner.errors import ConfigError, RunnerError
+from runner.errors import RunnerError
 from runner.recipe import Blocks, Recipe, RecipeResult, RunContext
 from runner.resume import check_resume, find_resume, record_in_index
 
@@ -35,16 +34,6 @@ log = logging.getLogger("runner")
 
 # --------------------------------------------------------------------------------------------
 # Validation
-
-
-def import_components(plugins: list[str]) -> None:
-    """Register the built-in recipes and components, then the user's plugin modules."""
-    registry.load_builtins()
-    for name in plugins:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"plugins: cannot import {name!r} ({exc})") from None
 
 
 def validate(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> Recipe:
@@ -62,7 +51,7 @@ def checked(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> tuple[Recipe, 
     from runner.evaluate import check_eval_spec
     from runner.models import check_model_spec
 
-    import_components(list(cfg.plugins))
+    registry.import_plugins(list(cfg.plugins))
     problems = check_top_level(cfg) + check_fields(cfg, RunConfig, "")
     unknown = registry.check_name("recipe", cfg.kind, key="kind")
     if unknown:

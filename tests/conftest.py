@@ -75,20 +75,9 @@ def tiny_qwen3(tmp_path_factory, toy_tokenizer):
 @pytest.fixture
 def compose():
     """compose(overrides) -> the job config exactly as `python -m runner` would build it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from runner.compose import compose_job
 
-    from runner.config import register_configs
-    from runner.resolvers import register_resolvers
-
-    register_configs()
-    register_resolvers()
-
-    def _compose(overrides=()):
-        with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-            return hydra_compose(config_name="config", overrides=list(overrides))
-
-    return _compose
+    return lambda overrides=(): compose_job(list(overrides))
 
 
 def run_cli(args, cwd, timeout=600, env=None):

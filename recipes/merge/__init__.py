@@ -61,6 +61,13 @@ class Merge(Recipe):
     blocks = {"merge": MergeConfig}
     components = {"merge": (Component("merge_method", "method"),)}
 
+    def uses(self, cfg: DictConfig) -> set[str]:
+        method = cfg.merge.get("method", MergeConfig.method)
+        inputs = registry.contract("merge_method", method).inputs if method in registry.names("merge_method") else None
+        if inputs is None:
+            return super().uses(cfg)
+        return {*inputs.roles, *([inputs.base] if inputs.base else [])}
+
     def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
         m = blocks["merge"]
         inputs = registry.contract("merge_method", m.method).inputs

@@ -87,6 +87,9 @@ class ShadowFT(Recipe):
     uses_data = True
     baseline_role = "instruct"
 
+    def uses(self, cfg: DictConfig) -> set[str]:
+        return {*self.roles, *NEEDS.get(cfg.graft.get("tune", GraftConfig.tune), self.optional_roles)}
+
     def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
         g, lora = blocks["graft"], blocks["lora"]
         problems = []

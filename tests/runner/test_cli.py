@@ -38,6 +38,32 @@ def test_composition_errors_have_no_traceback(tmp_path):
         assert args[0].split("=")[0].split(".")[-1] in proc.stderr or "recipe/nope" in proc.stderr
 
 
+def test_a_misspelled_model_option_is_an_error_not_the_default_model(tmp_path):
+    proc = run_cli(["recipe=distill", "model@teacher=toy-teacherr", f"output_root={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "model@teacher: no model option 'toy-teacherr' (conf/model/). Did you mean 'toy-teacher'?" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # refused before Hydra made a run folder
+
+
+def test_a_role_the_recipe_never_uses_is_an_error_naming_the_roles_it_takes(tmp_path):
+    proc = run_cli(["recipe=sft", "teacher.path=toy-teacher", f"output_root={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "teacher: set, but recipe kind 'sft' does not use it (it uses: model)" in proc.stderr
+
+
+def test_a_sweep_across_recipes_runs_each_job_with_the_roles_it_takes(tmp_path):
+    # instruct_ft tunes Instruct itself: it takes no base, which the sweep sets for shadow_ft
+    proc = run_cli(["-m", "recipe=shadow_ft,instruct_ft", "base.path=toy-base", "instruct.path=toy-instruct", *TINY,
+                    "eval=none", f"output_root={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2/2 jobs completed" in proc.stdout and "Traceback" not in proc.stderr
+    shadow, instruct_ft = (json.loads((j / "results.json").read_text())["config"]
+                           for j in sorted((tmp_path / "multirun").glob("*/*/[01]-*")))
+    assert shadow["base"]["path"] == "toy-base" and shadow["instruct"]["path"] == "toy-instruct"
+    assert instruct_ft["base"] is None and instruct_ft["instruct"]["path"] == "toy-instruct"
+    assert "note: recipe instruct_ft does not take base; this job runs without it" in proc.stderr + proc.stdout
+
+
 def test_sft_on_the_toy_world_end_to_end(tmp_path):
     proc = run_cli(["recipe=sft", *TINY, "eval=toy_quick", "eval.limit=8", f"output_root={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

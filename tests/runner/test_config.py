@@ -33,6 +33,52 @@ def test_wrong_type_is_refused_while_composing(compose):
     assert "could not be converted to Float" in cause and "train.lr" in cause
 
 
+@pytest.mark.parametrize("role", ["model", "teacher", "student", "base", "instruct", "thinking", "tuned_base",
+                                  "reference"])
+def test_a_model_option_that_does_not_exist_is_an_error_for_every_role(compose, role):
+    from runner.compose import check_options
+
+    key = "model" if role == "model" else f"model@{role}"
+    assert check_options([f"{key}=toy-teacherr"]) == [
+        f"{key}: no model option 'toy-teacherr' (conf/model/). Did you mean 'toy-teacher'? Options: "
+        "llama-3.2-1b, llama-3.2-1b-instruct, qwen3-0.6b, qwen3-0.6b-base, qwen3-1.7b, qwen3-4b-instruct-2507, "
+        "qwen3-4b-thinking-2507, qwen3-8b, toy-base, toy-instruct, toy-student, toy-teacher, toy-thinking"]
+    assert check_options([f"{key}=toy-teacher"]) == [] and check_options([f"{key}=null"]) == []
+    assert check_options([f"{key}=toy-base,toy-teacherr"])[0].startswith(f"{key}: no model option 'toy-teacherr'")
+    # no option given: the recipe's own default; an option given: that model
+    assert compose(["recipe=distill"]).teacher.path == "toy-teacher"
+    assert compose([f"{key}=toy-base"])[role].path == "toy-base"
+
+
+def test_the_other_options_and_roles_are_checked_too():
+    from runner.compose import check_options
+
+    assert check_options(["recipe=profitsft"])[0].startswith("recipe: no recipe option 'profitsft' (conf/recipe/). "
+                                                              "Did you mean 'profit_sft'?")
+    assert check_options(["eval=toy_quik"])[0].startswith("eval: no eval option 'toy_quik' (conf/eval/). Did you mean")
+    assert check_options(["model@teachr=toy-base"])[0].startswith("model@teachr: 'teachr' is not a model role. "
+                                                                   "Did you mean 'teacher'?")
+    assert check_options(["recipe=sft", "train.lr=1", "hydra/launcher=joblib", "model=choice(toy-base)"]) == []
+
+
+def test_a_role_the_recipe_leaves_empty_can_be_set(compose):
+    cfg = compose(["recipe=sft", "teacher.path=toy-teacher", "teacher.dtype=float32"])
+    assert cfg.teacher.path == "toy-teacher" and cfg.teacher.dtype == "float32"
+    assert compose(["recipe=distill", "teacher.dtype=bfloat16"]).teacher.path == "toy-teacher"  # the recipe's, kept
+    assert compose(["recipe=sft"]).teacher is None
+
+
+def test_a_sweep_leaves_out_the_roles_a_recipe_does_not_take(compose):
+    from runner.cli import leave_out_unused_roles
+
+    cfg = compose(["recipe=instruct_ft", "base.path=toy-base"])
+    assert leave_out_unused_roles(cfg) == ["base"] and cfg.base is None
+    cfg = compose(["recipe=shadow_ft", "base.path=toy-base"])
+    assert leave_out_unused_roles(cfg) == [] and cfg.base.path == "toy-base"
+    cfg = compose(["recipe=ta_merge", "instruct.path=toy-instruct"])  # task arithmetic takes base and models
+    assert leave_out_unused_roles(cfg) == ["instruct"]
+
+
 @pytest.mark.parametrize("override,expected", [
     ("train.lr=-1", "train.lr: -1.0 is out of range; it must be > 0"),
     ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 is out of range; it must be >= 0 and <= 1"),
