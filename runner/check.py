@@ -54,7 +54,7 @@ def passed(cfg: DictConfig, recipe, blocks) -> list[str]:
              f"recipe {cfg.name} (kind {cfg.kind}); model roles it takes: "
              f"{', '.join(sorted(recipe.uses(cfg))) or 'none'}",
              f"models found (a folder's config.json, a zoo name or a cached hub id): {', '.join(roles) or 'none'}"]
-    if recipe.uses_data:
+    if recipe.data_role:
         where = cfg.data.path or cfg.data.name or f"{cfg.data.format} {cfg.data.difficulty}"
         lines.append(f"data: source {cfg.data.source} ({where})")
     for name in blocks.typed:

@@ -78,24 +78,52 @@ def _check_hub(data: Any, key: str) -> list[str]:
 
 
 def _check_jsonl(path: Path, data: Any, key: str) -> list[str]:
-    """Every line parses and has one of the record shapes (checked on the whole file: it is cheap)."""
-    problems = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{key}.path: {path}:{lineno} is not valid JSON ({exc.msg})")
-            else:
-                problem = _shape_problem(record, data)
-                if problem:
-                    problems.append(f"{key}.path: {path}:{lineno} {problem}")
-            if len(problems) >= 3:
-                problems.append(f"{key}.path: stopping after 3 bad lines")
-                break
+    """The file reads, holds records, and every line parses into one of the record shapes (checked on
+    the whole file: it is cheap)."""
+    problems, records = [], 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                records += 1
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{key}.path: {path}:{lineno} is not valid JSON ({exc.msg})")
+                else:
+                    problem = _shape_problem(record, data)
+                    if problem:
+                        problems.append(f"{key}.path: {path}:{lineno} {problem}")
+                if len(problems) >= 3:
+                    problems.append(f"{key}.path: stopping after 3 bad lines")
+                    break
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{key}.path: cannot read {path} ({type(exc).__name__}: {exc})"]
+    if records == 0:
+        return [f"{key}.path: {path} is empty (no records; a JSONL file has one JSON object per line)"]
     return problems
+
+
+def check_trainable(data: Any, tokenizer, key: str = "data", chunk: int = 256) -> list[str]:
+    """[] when some example keeps a trainable token within data.max_length, else why not.
+
+    Tokenizes the records a chunk at a time and stops at the first trainable one, so a valid file
+    costs one chunk; only a file with none is tokenized in full.
+    """
+    records = load_records(data)
+    chat = use_chat_template(data, tokenizer)
+    for start in range(0, len(records), chunk):
+        for ids, labels in tokenize_records(records[start: start + chunk], tokenizer, chat=chat):
+            if _trainable(labels, data.max_length):
+                return []
+    return [f"{key}: no example has a trainable token: none of the {len(records)} keeps a response token within "
+            f"data.max_length={data.max_length} (the responses are empty or the prompts fill the length)"]
+
+
+def _trainable(labels: list[int], max_length: int) -> bool:
+    """Whether an example keeps a target once cut to max_length (nothing predicts the first token)."""
+    return any(x != IGNORE for x in labels[1:max_length])
 
 
 def _shape_problem(record: Any, data: Any) -> str | None:
@@ -247,16 +275,16 @@ def build_dataset(data: Any, tokenizer) -> list[dict]:
     chat = use_chat_template(data, tokenizer)
     examples, dropped = [], 0
     for ids, labels in tokenize_records(load_records(data), tokenizer, chat=chat):
-        ids, labels = ids[: data.max_length], labels[: data.max_length]
-        labels[0] = IGNORE  # nothing predicts the first token (and packing must not link documents)
-        if all(x == IGNORE for x in labels):
+        if not _trainable(labels, data.max_length):
             dropped += 1
             continue
+        ids, labels = ids[: data.max_length], labels[: data.max_length]
+        labels[0] = IGNORE  # nothing predicts the first token (and packing must not link documents)
         examples.append({"input_ids": ids, "labels": labels})
     if dropped:
         log.warning("dropped %d examples with no trainable tokens within data.max_length=%d", dropped, data.max_length)
     if not examples:
-        raise ConfigError("data: no example has a trainable token (all prompts longer than data.max_length?)")
+        raise ConfigError(check_trainable(data, tokenizer))
     return pack(examples, data.max_length) if data.packing else examples
 
 

@@ -65,7 +65,7 @@ class Recipe:
     optional_roles: ClassVar[tuple[str, ...]] = ()  # roles that may be set
     blocks: ClassVar[dict[str, type]] = {}  # method blocks it reads -> the dataclass of their own keys
     components: ClassVar[dict[str, tuple[Component, ...]]] = {}  # block -> the components its keys name
-    uses_data: ClassVar[bool] = False  # reads the `data` block
+    data_role: ClassVar[str | None] = None  # the role whose tokenizer reads the `data` block (None: no data)
     baseline_role: ClassVar[str | None] = None  # the input model that `eval.baseline=true` evaluates
 
     def validate(self, cfg: DictConfig) -> tuple[Blocks, list[str]]:

@@ -65,13 +65,26 @@ def checked(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> tuple[Recipe, 
     for i, spec in enumerate(cfg.models or []):
         if f"models[{i}]" not in pending:
             problems += check_model_spec(spec, f"models[{i}]")
-    if recipe.uses_data:
+    if recipe.data_role:
         problems += check_data_spec(cfg.data)
     problems += check_eval_spec(cfg.eval)
     problems += check_resume(cfg)
     blocks, block_problems = recipe.validate(cfg)
     raise_if(problems + block_problems)
+    if recipe.data_role and cfg.data.source == "jsonl" and recipe.data_role not in pending:
+        raise_if(_check_trainable(cfg, recipe.data_role))
     return recipe, blocks
+
+
+def _check_trainable(cfg: DictConfig, role: str) -> list[str]:
+    """A JSONL file has an example with a trainable token, tokenized as the recipe will (its tokenizer
+    only, no weights); the toy source always does, and a hub dataset is not downloaded to check."""
+    from runner.data import check_trainable
+    from runner.models import load_tokenizer, resolve_model_path
+
+    spec = cfg[role]
+    return check_trainable(cfg.data, load_tokenizer(resolve_model_path(spec), trust_remote_code=spec.trust_remote_code,
+                                                    revision=spec.revision))
 
 
 # --------------------------------------------------------------------------------------------

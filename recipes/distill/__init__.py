@@ -72,7 +72,7 @@ class Distill(Recipe):
     roles = ("teacher", "student")
     blocks = {"loss": LossConfig, "onpolicy": OnPolicyConfig, "lora": LoraConfig}
     components = {"loss": (Component("kd_loss", "name"),)}
-    uses_data = True
+    data_role = "student"
     baseline_role = "student"
 
     # ----------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ class Quantize(Recipe):
     roles = ("model",)
     blocks = {"quant": QuantConfig}
     components = {"quant": (Component("quantizer", "method"), Component("bit_allocator", "allocator", "allocator_params"))}
-    uses_data = True  # GPTQ calibration rows
+    data_role = "model"  # GPTQ calibration rows
     baseline_role = "model"
 
     def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:

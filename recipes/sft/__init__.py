@@ -16,7 +16,7 @@ from runner.train import causal_lm_loss, train
 @register("recipe", "sft")
 class SFT(Recipe):
     roles = ("model",)
-    uses_data = True
+    data_role = "model"
     baseline_role = "model"
 
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:

@@ -47,7 +47,7 @@ class SFTMask(Recipe):
     optional_roles = ("reference",)
     blocks = {"selector": SelectorConfig, "loss": MaskLossConfig}
     components = {"selector": (Component("token_selector", "name", none="none"),)}
-    uses_data = True
+    data_role = "model"
     baseline_role = "model"
 
     def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:

@@ -84,7 +84,7 @@ class ShadowFT(Recipe):
     roles = ("instruct",)
     optional_roles = ("base", "tuned_base")
     blocks = {"graft": GraftConfig, "lora": LoraConfig}
-    uses_data = True
+    data_role = "instruct"
     baseline_role = "instruct"
 
     def uses(self, cfg: DictConfig) -> set[str]:

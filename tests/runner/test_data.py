@@ -116,6 +116,35 @@ def test_jsonl_problems_are_reported_with_line_numbers(tmp_path):
     assert "source" in check_data_spec(data_cfg(source="parquet"))[0]
 
 
+def test_an_empty_or_unreadable_file_gets_its_own_message(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    assert check_data_spec(data_cfg(source="jsonl", path=str(empty))) == [
+        f"data.path: {empty} is empty (no records; a JSONL file has one JSON object per line)"]
+    binary = tmp_path / "latin1.jsonl"
+    binary.write_bytes(b'{"text": "caf\xe9"}\n')
+    [problem] = check_data_spec(data_cfg(source="jsonl", path=str(binary)))
+    assert problem.startswith(f"data.path: cannot read {binary} (UnicodeDecodeError:")
+
+
+def test_a_file_without_a_trainable_example_is_refused_in_validation(tmp_path, toy_tokenizer, compose, tiny_llama):
+    from runner.data import check_trainable
+    from tests.conftest import problems_of
+
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "1+2+3+4+5+6+7+8+9=?" * 3, "response": "45"}) + "\n" for _ in range(3)))
+    data = data_cfg(source="jsonl", path=str(path), max_length=8)
+    expected = ("data: no example has a trainable token: none of the 3 keeps a response token within "
+                "data.max_length=8 (the responses are empty or the prompts fill the length)")
+    assert check_trainable(data, toy_tokenizer) == [expected]
+    assert check_trainable(data_cfg(source="jsonl", path=str(path), max_length=256), toy_tokenizer) == []
+    with pytest.raises(ConfigError, match="fill the length"):
+        build_dataset(data, toy_tokenizer)  # what the recipe would have met after the baseline evaluation
+    # through the recipe's validation, with its model's tokenizer, before any work
+    overrides = ["recipe=sft", f"model.path={tiny_llama}", "data=jsonl", f"data.path={path}", "data.max_length=8"]
+    assert problems_of(compose(overrides)) == [expected]
+
+
 def test_chat_template_required_for_messages(toy_tokenizer):
     from runner.data import use_chat_template
 
