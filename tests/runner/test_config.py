@@ -59,6 +59,8 @@ def test_the_other_options_and_roles_are_checked_too():
     assert check_options(["model@teachr=toy-base"])[0].startswith("model@teachr: 'teachr' is not a model role. "
                                                                    "Did you mean 'teacher'?")
     assert check_options(["recipe=sft", "train.lr=1", "hydra/launcher=joblib", "model=choice(toy-base)"]) == []
+    # a parent config (its name starts with _) is not a recipe of its own
+    assert check_options(["recipe=_merge_common"])[0].startswith("recipe: no recipe option '_merge_common'")
 
 
 def test_a_role_the_recipe_leaves_empty_can_be_set(compose):
