@@ -34,6 +34,7 @@ class EvalResult:
     metrics: dict[str, float]
     raw_path: Path | None  # None on processes other than the main one
     wall_s: float
+    command: dict[str, Any] | None = None  # the lm_eval CLI command that scores the model's folder the same way
 
 
 def _task_names_in(folder: Path) -> set[str]:
@@ -162,8 +163,51 @@ def sampled_tasks(ev: Any, task_manager) -> list:
     return tasks
 
 
-def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "model") -> EvalResult:
-    """Run the configured tasks on `model`; write raw results and samples under `out_dir`."""
+def lm_eval_command(ev: Any, folder: str | Path, *, chat: bool, dtype: str, device: str,
+                    trust_remote_code: bool = False) -> dict[str, Any]:
+    """The ``lm_eval`` command line that scores the HF folder `folder` as this stage scores the model
+    in memory: the same tasks and task folder, chat template, limit, shots, generation length,
+    thinking switch, batch size and seeds.
+
+    Returns ``{"command": str, "exact": bool, "note": str | None}``; `exact` is false where the CLI
+    has no equivalent (``eval.sampling`` overrides of the sampled tasks, tasks from several folders).
+    """
+    import shlex
+
+    model_args = {"pretrained": str(Path(folder).resolve()), "dtype": dtype}
+    if ev.enable_thinking is not None:
+        model_args["enable_thinking"] = bool(ev.enable_thinking)
+    if trust_remote_code:
+        model_args["trust_remote_code"] = True
+    args = ["lm_eval", "--model", "hf", "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()),
+            "--tasks", ",".join(ev.tasks), "--batch_size", str(ev.batch_size), "--device", device,
+            "--seed", ",".join([str(ev.seed)] * 4)]
+    notes = []
+    folders = [d for d in _include_paths(ev) if set(ev.tasks) & _task_names_in(Path(d))]
+    if len(folders) == 1:
+        args += ["--include_path", folders[0]]
+    elif folders:
+        notes.append(f"the tasks come from {len(folders)} folders and lm_eval takes one --include_path")
+    if chat:
+        args.append("--apply_chat_template")
+    if ev.limit is not None:
+        args += ["--limit", str(ev.limit)]
+    if ev.num_fewshot is not None:
+        args += ["--num_fewshot", str(ev.num_fewshot)]
+    if ev.max_gen_toks:
+        args += ["--gen_kwargs", f"max_gen_toks={ev.max_gen_toks}"]
+    s = ev.sampling
+    if any(v is not None for v in (s.n, s.temperature, s.top_p)):
+        notes.append("eval.sampling changes the sampled tasks' repeats and generation settings, which the CLI "
+                     "sets per task only in the task YAML")
+    return {"command": shlex.join(args), "exact": not notes, "note": "; ".join(notes) or None}
+
+
+def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "model",
+             folder: str | Path | None = None, trust_remote_code: bool = False) -> EvalResult:
+    """Run the configured tasks on `model`; write raw results and samples under `out_dir`. With the
+    HF `folder` the model was loaded from (or saved to), the result carries the equivalent lm_eval
+    command."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -174,8 +218,8 @@ def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "mo
     chat = ev.chat_template if ev.chat_template is not None else getattr(tokenizer, "chat_template", None) is not None
     chat_args = {} if ev.enable_thinking is None else {"enable_thinking": bool(ev.enable_thinking)}
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size,
-              max_gen_toks=ev.max_gen_toks or 256, chat_template_args=chat_args or None)
+    # HFLM's own generation length is 256 tokens; eval.max_gen_toks changes it through gen_kwargs
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size, chat_template_args=chat_args or None)
     gen_kwargs = {"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None
     task_manager = _task_manager(ev)
     try:
@@ -213,7 +257,11 @@ def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "mo
                     f.write(json.dumps(s, default=str) + "\n")
     wall = time.perf_counter() - t0
     log.info("evaluated %s on %s in %.1f s", label, ", ".join(ev.tasks), wall)
-    return EvalResult(metrics=metrics, raw_path=raw_path, wall_s=wall)
+    command = None
+    if folder is not None:
+        command = lm_eval_command(ev, folder, chat=chat, dtype=str(model.dtype).removeprefix("torch."),
+                                  device=str(model.device), trust_remote_code=trust_remote_code)
+    return EvalResult(metrics=metrics, raw_path=raw_path, wall_s=wall, command=command)
 
 
 def metrics_table(metrics: dict[str, float], baseline: dict[str, float] | None = None, title: str = "results"):

@@ -61,6 +61,8 @@ def new_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "checkpoint": None,
         "metrics": {},
         "baseline_metrics": {},
+        "eval_command": None,  # the lm_eval CLI command that scores the checkpoint as the eval stage did
+        "baseline_eval_command": None,  # the same for the input model
         "train": None,
         "timings": {},
         "seed": cfg.get("seed"),
@@ -108,3 +110,5 @@ def print_summary(cfg: DictConfig, record: dict[str, Any]) -> None:
                       f"{train['tokens_per_s'] / 1000:.1f}k tokens/s")
     console.print(f"results: {Path(record['run_dir']) / RESULTS}"
                   + (f"\ncheckpoint: {record['checkpoint']}" if record["checkpoint"] else ""))
+    if record.get("eval_command"):
+        console.print(f"lm_eval on the checkpoint: {record['eval_command']['command']}", soft_wrap=True)

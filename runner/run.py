@@ -125,7 +125,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         baseline_role = recipe.baseline_for(cfg)
         if cfg.eval.tasks and cfg.eval.baseline and baseline_role and main_process:
             t = time.perf_counter()
-            record["baseline_metrics"] = _evaluate_role(ctx, baseline_role)
+            record["baseline_metrics"], record["baseline_eval_command"] = _evaluate_role(ctx, baseline_role)
             timings["baseline_eval_s"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()
@@ -139,7 +139,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             record["metrics"] = out.metrics
         elif cfg.eval.tasks and main_process and (out.model is not None or out.checkpoint is not None):
             t = time.perf_counter()
-            record["metrics"] = _evaluate_output(ctx, out)
+            record["metrics"], record["eval_command"] = _evaluate_output(ctx, out)
             timings["eval_s"] = round(time.perf_counter() - t, 3)
         if out.stats:
             record["metrics"] = {**out.stats, **(record.get("metrics") or {})}
@@ -166,16 +166,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             results.write(run_dir, record)
 
 
-def _evaluate_role(ctx: RunContext, role: str) -> dict[str, float]:
+def _evaluate_role(ctx: RunContext, role: str) -> tuple[dict[str, float], dict | None]:
+    """(metrics, the lm_eval command) of the input model `role`."""
     from runner.evaluate import evaluate
+    from runner.models import resolve_model_path
 
+    spec = ctx.cfg[role]
     model, tokenizer = ctx.load_model(role)
-    metrics = evaluate(model, tokenizer, ctx.cfg.eval, ctx.run_dir / "eval" / "baseline", label=f"{role} (baseline)").metrics
+    result = evaluate(model, tokenizer, ctx.cfg.eval, ctx.run_dir / "eval" / "baseline", label=f"{role} (baseline)",
+                      folder=resolve_model_path(spec), trust_remote_code=spec.trust_remote_code)
     del model
-    return metrics
+    return result.metrics, result.command
 
 
-def _evaluate_output(ctx: RunContext, out: RecipeResult) -> dict[str, float]:
+def _evaluate_output(ctx: RunContext, out: RecipeResult) -> tuple[dict[str, float], dict | None]:
+    """(metrics, the lm_eval command on its checkpoint) of what the recipe produced."""
     from accelerate.utils import DistributedType
 
     from runner.evaluate import evaluate
@@ -185,9 +190,11 @@ def _evaluate_output(ctx: RunContext, out: RecipeResult) -> dict[str, float]:
     sharded = ctx.accelerator.distributed_type == DistributedType.FSDP
     if sharded and out.checkpoint is None:
         log.warning("not evaluated: under FSDP the result is evaluated from its checkpoint; save_checkpoint=false wrote none")
-        return {}
+        return {}, None
     if out.model is not None and not sharded:
         model, tokenizer = ctx.accelerator.unwrap_model(out.model), out.tokenizer
     else:
         model, tokenizer = load_model({"path": str(out.checkpoint)}, device=ctx.accelerator.device)
-    return evaluate(model, tokenizer, ctx.cfg.eval, ctx.run_dir / "eval" / "final", label="result").metrics
+    result = evaluate(model, tokenizer, ctx.cfg.eval, ctx.run_dir / "eval" / "final", label="result",
+                      folder=out.checkpoint)
+    return result.metrics, result.command

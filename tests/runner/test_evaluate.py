@@ -141,3 +141,58 @@ def test_eval_sampling_sets_n_and_temperature(toy_tokenizer, tmp_path):
         assert metrics[f"toy_arith_passk/pass@{k}"] == pytest.approx(count_a / limit)
     assert metrics["toy_arith_passk/distinct_answers"] == pytest.approx(1 / 4)
     assert metrics["toy_arith/exact_match"] == pytest.approx(count_a / limit)  # the greedy task is untouched
+
+
+def test_the_lm_eval_command_is_built_from_the_eval_block(tmp_path):
+    from runner.evaluate import lm_eval_command
+
+    ev = OmegaConf.structured(EvalConfig(tasks=["toy_arith", "toy_arith_hard"], limit=40, num_fewshot=3,
+                                         max_gen_toks=64, enable_thinking=False, batch_size=8, seed=7))
+    out = lm_eval_command(ev, tmp_path, chat=True, dtype="bfloat16", device="cpu")
+    assert out["exact"] and out["note"] is None
+    assert out["command"] == (
+        f"lm_eval --model hf --model_args pretrained={tmp_path.resolve()},dtype=bfloat16,enable_thinking=False "
+        f"--tasks toy_arith,toy_arith_hard --batch_size 8 --device cpu --seed 7,7,7,7 "
+        f"--include_path {shipped_task_dir()} --apply_chat_template --limit 40 --num_fewshot 3 "
+        f"--gen_kwargs max_gen_toks=64")
+    sampled = OmegaConf.structured(EvalConfig(tasks=["toy_arith_passk"], sampling=SamplingConfig(n=4)))
+    out = lm_eval_command(sampled, tmp_path, chat=False, dtype="float32", device="cpu")
+    assert not out["exact"] and "eval.sampling" in out["note"] and "--apply_chat_template" not in out["command"]
+
+
+def shipped_task_dir() -> str:
+    from runner import registry
+
+    return str(next(iter(registry.entries("task_dir").values())))
+
+
+@pytest.mark.e2e
+def test_the_recorded_lm_eval_command_reproduces_the_run_metrics(compose, tiny_llama, tmp_path):
+    """The command in results.json, run as printed, scores the checkpoint within 0.005 of the run."""
+    import glob
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from runner.run import run
+
+    cfg = compose(["recipe=sft", f"model.path={tiny_llama}", "train.steps=4", "train.batch_size=8",
+                   "data.num_examples=64", "eval=toy_quick", "eval.limit=24", "eval.baseline=true"])
+    record = run(cfg, tmp_path / "run")
+    command = record["eval_command"]
+    assert command["exact"] and "--apply_chat_template" in command["command"]
+    assert record["baseline_eval_command"]["command"].startswith(
+        f"lm_eval --model hf --model_args pretrained={tiny_llama.resolve()},")
+    program, *args = shlex.split(command["command"])
+    assert program == "lm_eval"  # run as the venv's module: PATH may not hold the venv's scripts
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", *args, "--output_path", str(tmp_path / "cli")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = glob.glob(str(tmp_path / "cli" / "**" / "results_*.json"), recursive=True)
+    cli = flatten_metrics(json.loads(open(path).read())["results"])
+    scored = [k for k in record["metrics"] if k.endswith("/exact_match")]
+    assert scored
+    for key in scored:
+        assert abs(cli[key] - record["metrics"][key]) <= 0.005, (key, cli[key], record["metrics"][key])
