@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
-EXTRAS := dev,tensorboard,joblib,slurm,quant
+EXTRAS := dev,tensorboard,wandb,joblib,slurm,quant
 # Every library at the version the README's figures came from (pip constraints); `make lock` rewrites it.
 LOCK := requirements.lock
 export HF_HUB_OFFLINE ?= 1

@@ -91,7 +91,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = field(default="no", metadata=bounds(choices=("no", "bf16", "fp16")))
     cpu: Optional[bool] = None  # null: CPU when no GPU is present
-    tensorboard: bool = False
+    loggers: List[str] = field(default_factory=lambda: ["jsonl"])  # registered loggers: jsonl, tensorboard, wandb
     seed: int = 0
 
 

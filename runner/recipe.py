@@ -121,7 +121,7 @@ class RunContext:
     def accelerator(self):
         from runner.train import make_accelerator
 
-        return make_accelerator(self.cfg.train, self.run_dir)
+        return make_accelerator(self.cfg.train)
 
     @property
     def is_main_process(self) -> bool:
@@ -136,6 +136,20 @@ class RunContext:
             spec["dtype"] = dtype
         self.log.info("loading %s: %s", role, spec["path"])
         return load_model(spec, device=self.accelerator.device)
+
+    def train(self, model, examples: list[dict], loss_fn, *, pad_id: int, desc: str, on_step=None) -> TrainResult:
+        """`runner.train.train` for this run: its accelerator, folder, resume point and the loggers
+        of ``train.loggers`` (opened on the main process with the run's config)."""
+        from runner.config import to_container
+        from runner.loggers import open_loggers
+        from runner.train import run_dir_of, train
+
+        loggers = None
+        if self.is_main_process:
+            resumed = run_dir_of(self.resume_from) if self.resume_from else None
+            loggers = open_loggers(list(self.cfg.train.loggers), self.run_dir, to_container(self.cfg), resumed)
+        return train(model, examples, loss_fn, self.cfg.train, accelerator=self.accelerator, run_dir=self.run_dir,
+                     pad_id=pad_id, resume_from=self.resume_from, on_step=on_step, desc=desc, loggers=loggers)
 
     def save(self, model, tokenizer, name: str = "checkpoint", **kwargs) -> Path:
         """Write an HF checkpoint under the run folder from the main process; all processes wait."""

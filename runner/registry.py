@@ -38,6 +38,7 @@ model_source       object with ``names()``, ``resolve(name) -> folder``, ``label
 data_source        object with ``check(data, key) -> problems``, ``load(data) -> records``
 task_dir           a folder of lm-eval task YAMLs, searched by the eval stage
 checkpoint_metric  ``metric(model, tokenizer) -> [score per item]``, for the effects scoreboard
+logger             class ``Logger(run_dir, config, resumed_from)`` with ``log(step, metrics)``, ``close()``
 =================  ===================================================================
 
 The built-in components (the `recipes` package, which also plugs in the toy world) are imported on
@@ -68,8 +69,9 @@ KINDS = (
     "data_source",
     "task_dir",
     "checkpoint_metric",
+    "logger",
 )
-BUILTINS = "recipes"  # importing it registers every built-in recipe, component and source
+BUILTINS = ("runner.loggers", "recipes")  # importing these registers every built-in component and source
 
 # How many leading arguments each kind's call shape supplies (they are not config parameters).
 CALL_ARGS = {"kd_loss": 4, "token_selector": 2, "merge_method": 2, "quantizer": 3, "bit_allocator": 3,
@@ -193,7 +195,8 @@ def load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        importlib.import_module(BUILTINS)
+        for module in BUILTINS:
+            importlib.import_module(module)
 
 
 def import_plugins(plugins: Iterable[str]) -> None:

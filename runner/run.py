@@ -49,6 +49,7 @@ def checked(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> tuple[Recipe, 
     """`validate`, also returning the recipe's method blocks as it checked them (what `run` uses)."""
     from runner.data import check_data_spec
     from runner.evaluate import check_eval_spec
+    from runner.loggers import check_loggers
     from runner.models import check_model_spec
 
     registry.import_plugins(list(cfg.plugins))
@@ -69,6 +70,7 @@ def checked(cfg: DictConfig, *, pending: tuple[str, ...] = ()) -> tuple[Recipe, 
         problems += check_data_spec(cfg.data)
     problems += check_eval_spec(cfg.eval)
     problems += check_resume(cfg)
+    problems += check_loggers(list(cfg.train.loggers))
     blocks, block_problems = recipe.validate(cfg)
     raise_if(problems + block_problems)
     if recipe.data_role and cfg.data.source == "jsonl" and recipe.data_role not in pending:

@@ -25,8 +25,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,13 @@ from runner.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "state"
+STATE_DIR = "state"  # training states: <run folder>/state/step-N
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def run_dir_of(state: str | Path) -> Path:
+    """The run folder a training state (``<run folder>/state/step-N``) belongs to."""
+    return Path(state).parent.parent
 
 
 @dataclass
@@ -129,7 +134,7 @@ class BatchPlan:
 # Accelerator and checkpoints
 
 
-def make_accelerator(train_cfg: Any, project_dir: str | Path | None = None):
+def make_accelerator(train_cfg: Any):
     """An Accelerator for this run: CPU unless a GPU is present (or `train.cpu` says otherwise)."""
     from accelerate import Accelerator
 
@@ -140,10 +145,7 @@ def make_accelerator(train_cfg: Any, project_dir: str | Path | None = None):
         raise ConfigError("accelerate config: FSDP was asked for, but this run is on the CPU, where accelerate "
                           "does not apply FSDP (it would run DDP instead, or fail to start). On a CPU machine use "
                           "conf/accelerate/cpu_ddp.yaml")
-    kwargs: dict[str, Any] = {"cpu": cpu, "mixed_precision": train_cfg.mixed_precision}
-    if train_cfg.tensorboard and project_dir is not None:
-        kwargs.update(log_with="tensorboard", project_dir=str(project_dir))
-    accelerator = Accelerator(**kwargs)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=train_cfg.mixed_precision)
     check_launch(accelerator)
     return accelerator
 
@@ -241,11 +243,14 @@ def train(
     resume_from: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     desc: str = "train",
+    loggers: Sequence[Any] | None = None,
 ) -> TrainResult:
     """Train `model` in place on tokenized `examples`; returns what happened.
 
     `cfg` is the `train` config block. `resume_from` is a checkpoint folder written by this loop.
-    `on_step(step, logs)` is called on every process after each optimizer step.
+    `on_step(step, logs)` is called on every process after each optimizer step. `loggers` (opened
+    `runner.loggers` components, used on the main process and closed at the end) get every logged
+    step; by default the jsonl one writes train_log.jsonl in `run_dir`.
     """
     run_dir = Path(run_dir)
     if accelerator.is_main_process:
@@ -262,9 +267,12 @@ def train(
     model.train()
     optimizer = _optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    trackers = bool(accelerator.log_with)
-    if trackers:
-        accelerator.init_trackers(desc)
+    if not accelerator.is_main_process:
+        loggers = []
+    elif loggers is None:
+        from runner.loggers import JsonlLogger
+
+        loggers = [JsonlLogger(run_dir)]
 
     start_step, tokens_done, history = 0, 0, []
     if resume_from is not None:
@@ -278,11 +286,10 @@ def train(
 
     accum = cfg.grad_accum
     recent: list[float] = [h["loss"] for h in history[-10:]]
-    log_path = run_dir / "train_log.jsonl"
     t0, tokens_at_t0 = time.perf_counter(), tokens_done
     progress = _progress(accelerator.is_main_process)
     task = progress.add_task(desc, total=steps, completed=start_step, info="")
-    with progress:
+    with progress, _closing(loggers):
         for step in range(start_step, steps):
             lr = cfg.lr * lr_factor(cfg.lr_scheduler, step, steps, warmup, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -337,10 +344,8 @@ def train(
                 history.append(record)
                 if accelerator.is_main_process:
                     log.info("%s step %d/%d | %s", desc, done, steps, _fmt(logs))
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if trackers:
-                    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=done)
+                for logger in loggers:
+                    logger.log(done, logs)
             progress.update(task, completed=done, info=f"loss {loss_value:.4f} lr {lr:.2e} {tps / 1000:.1f}k tok/s")
             if on_step is not None:
                 on_step(done, logs)
@@ -348,8 +353,6 @@ def train(
                 trainer_state = {"step": done, "total_steps": steps, "tokens": tokens_done, "history": history}
                 _save_state(accelerator, state_root, done, trainer_state, cfg.keep_last)
     wall = time.perf_counter() - t0
-    if trackers:
-        accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(
         steps=steps,
@@ -361,6 +364,16 @@ def train(
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         history=history,
     )
+
+
+@contextmanager
+def _closing(loggers: Sequence[Any]):
+    """Close every logger when training ends, also when it fails (a W&B run is then marked finished)."""
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.close()
 
 
 def _zero_graph(model: torch.nn.Module) -> torch.Tensor:

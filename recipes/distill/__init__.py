@@ -34,7 +34,6 @@ from runner.lora import LoraConfig, with_lora
 from runner.models import check_same_vocab, load_tokenizer, resolve_model_path
 from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
-from runner.train import train
 
 
 @dataclass
@@ -124,9 +123,8 @@ class Distill(Recipe):
         examples = build_dataset(cfg.data, tokenizer)
         ctx.log.info("distilling %s -> %s with %s (%s) on %d examples", cfg.teacher.path, cfg.student.path,
                      loss_cfg.name, onpolicy.mode, len(examples))
-        result = train(student, examples, loss_fn, cfg.train, accelerator=ctx.accelerator, run_dir=ctx.run_dir,
-                       pad_id=pad, resume_from=ctx.resume_from,
-                       desc=f"distill[{'gopd' if onpolicy.mode == 'gopd' else loss_cfg.name}]")
+        result = ctx.train(student, examples, loss_fn, pad_id=pad,
+                           desc=f"distill[{'gopd' if onpolicy.mode == 'gopd' else loss_cfg.name}]")
         student = ctx.accelerator.unwrap_model(student)
         if lora.enabled:
             student = student.merge_and_unload()  # a plain model: W + (alpha/r) * B @ A

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from runner.data import build_dataset
 from runner.recipe import Recipe, RecipeResult, RunContext
 from runner.registry import register
-from runner.train import causal_lm_loss, train
+from runner.train import causal_lm_loss
 
 
 @register("recipe", "sft")
@@ -23,8 +23,7 @@ class SFT(Recipe):
         model, tokenizer = ctx.load_model("model")
         examples = build_dataset(cfg.data, tokenizer)
         ctx.log.info("training on %d examples", len(examples))
-        result = train(model, examples, causal_lm_loss, cfg.train, accelerator=ctx.accelerator, run_dir=ctx.run_dir,
-                       pad_id=tokenizer.pad_token_id, resume_from=ctx.resume_from, desc="sft")
+        result = ctx.train(model, examples, causal_lm_loss, pad_id=tokenizer.pad_token_id, desc="sft")
         model = ctx.accelerator.unwrap_model(model)
         checkpoint = ctx.save(model, tokenizer) if cfg.save_checkpoint else None
         return RecipeResult(checkpoint=checkpoint, model=model, tokenizer=tokenizer, train=result)

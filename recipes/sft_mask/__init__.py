@@ -21,7 +21,6 @@ from runner.data import build_dataset
 from runner.lm_head import check_plain_head
 from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
-from runner.train import train
 
 
 @dataclass
@@ -75,8 +74,8 @@ class SFTMask(Recipe):
         )
         examples = build_dataset(cfg.data, tokenizer)
         ctx.log.info("masked SFT: selector %s, loss %s, %d examples", sel.name, loss_cfg.name, len(examples))
-        result = train(model, examples, objective, cfg.train, accelerator=ctx.accelerator, run_dir=ctx.run_dir,
-                       pad_id=tokenizer.pad_token_id, resume_from=ctx.resume_from, desc=f"sft_mask[{sel.name},{loss_cfg.name}]")
+        result = ctx.train(model, examples, objective, pad_id=tokenizer.pad_token_id,
+                           desc=f"sft_mask[{sel.name},{loss_cfg.name}]")
         model = ctx.accelerator.unwrap_model(model)
         checkpoint = ctx.save(model, tokenizer) if cfg.save_checkpoint else None
         kept = [h["kept_fraction"] for h in result.history if "kept_fraction" in h]

@@ -33,7 +33,7 @@ from runner.models import DTYPES, check_same_vocab, load_tokenizer, resolve_mode
 from runner.recipe import Blocks, Recipe, RecipeResult, RunContext
 from runner.registry import register
 from runner.tensorio import parse_size
-from runner.train import causal_lm_loss, train
+from runner.train import causal_lm_loss
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -153,8 +153,7 @@ class ShadowFT(Recipe):
             model = with_lora(model, lora)
         examples = build_dataset(cfg.data, tokenizer)
         ctx.log.info("%s: training on %d examples%s", desc, len(examples), " (LoRA)" if lora.enabled else "")
-        result = train(model, examples, causal_lm_loss, cfg.train, accelerator=ctx.accelerator, run_dir=ctx.run_dir,
-                       pad_id=tokenizer.pad_token_id, resume_from=ctx.resume_from, desc=desc)
+        result = ctx.train(model, examples, causal_lm_loss, pad_id=tokenizer.pad_token_id, desc=desc)
         model = ctx.accelerator.unwrap_model(model)
         if lora.enabled:
             model = model.merge_and_unload()  # W + (alpha / r) * B @ A

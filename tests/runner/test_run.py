@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import recipes.sft
+import runner.train
 from runner.errors import ConfigError
 from runner.resume import fingerprint
 from runner.run import run
@@ -21,20 +21,20 @@ def overrides(tiny_llama, tmp_path, *extra):
 
 def test_restart_with_the_same_config_resumes_from_the_last_checkpoint(compose, tiny_llama, tmp_path, monkeypatch):
     cfg = compose(overrides(tiny_llama, tmp_path))
-    real_train = recipes.sft.train
+    real_train = runner.train.train
 
     def interrupted_train(*args, **kwargs):
         def stop(step, logs):
             if step == 4:
                 raise KeyboardInterrupt
-        return real_train(*args, on_step=stop, **kwargs)
+        return real_train(*args, **{**kwargs, "on_step": stop})
 
-    monkeypatch.setattr(recipes.sft, "train", interrupted_train)
+    monkeypatch.setattr(runner.train, "train", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "run1")
     first = json.loads((tmp_path / "run1" / "results.json").read_text())
     assert first["status"] == "interrupted" and first["checkpoint"] is None
-    monkeypatch.setattr(recipes.sft, "train", real_train)
+    monkeypatch.setattr(runner.train, "train", real_train)
 
     second = run(cfg, tmp_path / "run2")
     assert second["status"] == "completed"

@@ -33,7 +33,7 @@ def fresh(tiny_llama):
 
 
 def run_train(model, examples, cfg, run_dir, **kw):
-    acc = make_accelerator(cfg, run_dir)
+    acc = make_accelerator(cfg)
     result = train(model, examples, kw.pop("loss_fn", causal_lm_loss), cfg, accelerator=acc, run_dir=run_dir, pad_id=0, **kw)
     return acc.unwrap_model(model), result
 
@@ -155,8 +155,3 @@ def test_too_little_data_for_one_batch_is_a_config_error(tiny_llama, examples, t
 
     with pytest.raises(ConfigError, match="needs at least 16 examples"):
         run_train(fresh(tiny_llama), examples[:10], train_cfg(batch_size=16), tmp_path)
-
-
-def test_tensorboard_logging(tiny_llama, examples, tmp_path):
-    run_train(fresh(tiny_llama), examples, train_cfg(steps=4, tensorboard=True), tmp_path, desc="tb")
-    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
