@@ -131,13 +131,14 @@ class Merge(Recipe):
         donor = self._role_path(m.donor or inputs.donor or first_role, paths)
         selection = Selection(parse_layers(m.layers), tuple(m.modules) if m.modules else None)
         svd_cache = None
-        if m.method == "timber":
+        runtime = registry.contract("merge_method", m.method).runtime
+        if "svd_cache" in runtime:
             svd_cache = SVDCache(cache_dir() / "svd")
         out = ctx.run_dir / "checkpoint"
         if ctx.is_main_process:
             stats = merge_models(tensors_from, base, registry.get("merge_method", m.method), ctx.blocks.params["merge"], out,
                                  selection=selection, outside=outside, donor=donor, dtype=m.dtype,
-                                 max_shard_size=m.max_shard_size, seed=m.seed, svd_cache=svd_cache)
+                                 max_shard_size=m.max_shard_size, seed=m.seed, svd_cache=svd_cache, runtime=runtime)
         else:
             stats = {}
         ctx.accelerator.wait_for_everyone()

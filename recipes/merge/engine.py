@@ -9,7 +9,6 @@ the number of layers.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -166,8 +165,14 @@ def merge_models(
     max_shard_size: str,
     seed: int,
     svd_cache: SVDCache | None = None,
+    runtime: tuple[str, ...] = (),
 ) -> dict:
-    """Merge `inputs` (and `base`) into an HF folder at `out_dir`; returns counts of what was done."""
+    """Merge `inputs` (and `base`) into an HF folder at `out_dir`; returns counts of what was done.
+
+    `runtime` names the arguments `method` takes from the engine (its contract's runtime arguments):
+    ``generator`` (seeded per tensor from `seed` and the tensor's name), ``key`` (the tensor's name),
+    ``svd_cache``.
+    """
     sources = {str(p): TensorSource(p) for p in inputs}
     if base is not None:
         sources.setdefault(str(base), TensorSource(base))
@@ -177,7 +182,6 @@ def merge_models(
     out_dtype = dtype or _dtype_name(donor_config)
     if out_dtype not in DTYPES:
         raise ConfigError(registry.not_allowed("merge.dtype", out_dtype, DTYPES))
-    accepts = inspect.signature(method).parameters
     writer = ShardedWriter(out_dir, parse_size(max_shard_size))
     merged = copied = 0
     try:
@@ -186,12 +190,12 @@ def merge_models(
             if selection(key):
                 tensors = [sources[str(p)].get(key).float() for p in inputs]
                 runtime = {}
-                if "generator" in accepts:
+                if "generator" in runtime:
                     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
                     runtime["generator"] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-                if "key" in accepts:
+                if "key" in runtime:
                     runtime["key"] = key
-                if "svd_cache" in accepts:
+                if "svd_cache" in runtime:
                     runtime["svd_cache"] = svd_cache
                 base_tensor = sources[str(base)].get(key).float() if base is not None else None
                 out = method(tensors, base_tensor, **params, **runtime)

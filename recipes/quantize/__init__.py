@@ -112,8 +112,8 @@ class Quantize(Recipe):
         if q.export == "compressed_tensors":
             from recipes.quantize.export import available
 
-            packable = sorted(n for n in registry.names("quantizer") if registry.contract("quantizer", n).storage.packable)
-            if not quantizer.storage.packable:
+            packable = sorted(n for n in registry.names("quantizer") if quantizers.storage_of(n).packable)
+            if not quantizers.storage_of(q.method).packable:
                 problems.append(f"quant.export: compressed_tensors stores integer grids ({', '.join(packable)}); "
                                 f"{q.method!r} cannot be packed exactly; use quant.export=none")
             elif not available():
@@ -124,7 +124,7 @@ class Quantize(Recipe):
     @staticmethod
     def _check_allocator(q, quantizer) -> list[str]:
         problems = []
-        if quantizer.storage.code_bits is not None:
+        if quantizers.storage_of(q.method).code_bits is not None:
             problems.append(f"quant.allocator: quantizer {q.method!r} has a fixed code size; it cannot take per-layer bits")
         choices = list(q.bit_choices)
         bad = [b for b in choices if not 1 <= b <= 8]
@@ -142,6 +142,7 @@ class Quantize(Recipe):
         q, params = ctx.blocks["quant"], ctx.blocks.params["quant"]
         quantize = registry.get("quantizer", q.method)
         quantizer = registry.contract("quantizer", q.method)
+        storage = quantizers.storage_of(q.method)
         model, tokenizer = ctx.load_model("model")
         model.eval()
         targets = select_targets(model, q)
@@ -167,10 +168,10 @@ class Quantize(Recipe):
             if grid is not None:  # the export needs the scales and zeros only; it re-derives the codes
                 grids[name] = {"scale": grid["scale"], "zero": grid["zero"]}
             meta[name] = {"layer": layer, "method": q.method,
-                          "bits": None if quantizer.storage.code_bits is not None else bits, "group_size": g, "sym": q.sym,
+                          "bits": None if storage.code_bits is not None else bits, "group_size": g, "sym": q.sym,
                           "params": module.weight.numel(),
                           "error_sq": float((w - original).pow(2).sum()), "norm_sq": float(original.pow(2).sum()),
-                          **quantizer.storage.accounting(bits, g, module.in_features, q.sym)}
+                          **storage.accounting(bits, g, module.in_features, q.sym)}
 
         if "hessian" in quantizer.runtime:  # it quantizes against the inputs each layer sees
             rows = calibration_rows(cfg.data, tokenizer, q.calib_samples, q.calib_seqlen, cfg.seed)
@@ -224,9 +225,10 @@ class Quantize(Recipe):
             allocation = allocate(layers, q.avg_bits, list(q.bit_choices), **dict(q.allocator_params))
         except ValueError as exc:  # e.g. manual bits for layers the model does not have
             raise ConfigError(f"quant.allocator_params: {exc}") from exc
+        scores = dict(getattr(allocation, "scores", {}))  # a plain {layer: bits} (a plugin's) has none
         ctx.log.info("%s allocation under %.3f bits: %s", q.allocator, q.avg_bits,
-                     ", ".join(f"L{i}={b} (score {allocation.scores.get(i, 0):.4g})" for i, b in sorted(allocation.items())))
-        return dict(allocation), dict(allocation.scores)
+                     ", ".join(f"L{i}={b} (score {scores.get(i, 0):.4g})" for i, b in sorted(allocation.items())))
+        return dict(allocation), scores
 
 
 def summarize(meta: dict[str, dict], layer_bits: dict[int, int], scores: dict[int, float]) -> dict:

@@ -109,6 +109,14 @@ class Storage:
 INTEGER_GRID = Storage(packable=True)
 
 
+def storage_of(name: str) -> Storage:
+    """What a registered quantizer's weights cost; one that declares nothing (a plugin) is taken as an
+    integer grid of the configured bits, fp16 scale and b-bit zero, that the packed export does not store."""
+    from runner import registry
+
+    return registry.contract("quantizer", name).storage or Storage()
+
+
 @register("quantizer", "rtn", runtime=("sym", "grid"), storage=INTEGER_GRID)
 def rtn(weight: torch.Tensor, bits: int, group_size: int, *, sym: bool = False, mse_clip: bool = False,
         grid: dict | None = None) -> torch.Tensor:

@@ -264,7 +264,8 @@ def merge(inputs, out, method="interpolate", params=None, *, base=None, outside=
           selection=None, dtype=None, max_shard_size="2GB", seed=0, svd_cache=None):
     return merge_models(list(inputs), base, registry.get("merge_method", method), params or {}, out,
                         selection=selection or Selection(), outside=outside or inputs[0], donor=donor or inputs[-1],
-                        dtype=dtype, max_shard_size=max_shard_size, seed=seed, svd_cache=svd_cache)
+                        dtype=dtype, max_shard_size=max_shard_size, seed=seed, svd_cache=svd_cache,
+                        runtime=registry.contract("merge_method", method).runtime)
 
 
 @pytest.mark.parametrize("lam,which", [(0.0, 0), (1.0, 1)])
