@@ -189,16 +189,16 @@ def merge_models(
         for key in order:
             if selection(key):
                 tensors = [sources[str(p)].get(key).float() for p in inputs]
-                runtime = {}
+                supplied = {}
                 if "generator" in runtime:
                     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-                    runtime["generator"] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+                    supplied["generator"] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
                 if "key" in runtime:
-                    runtime["key"] = key
+                    supplied["key"] = key
                 if "svd_cache" in runtime:
-                    runtime["svd_cache"] = svd_cache
+                    supplied["svd_cache"] = svd_cache
                 base_tensor = sources[str(base)].get(key).float() if base is not None else None
-                out = method(tensors, base_tensor, **params, **runtime)
+                out = method(tensors, base_tensor, **params, **supplied)
                 merged += 1
             else:
                 out = sources[str(outside)].get(key).float()
