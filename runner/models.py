@@ -77,8 +77,9 @@ def check_model_spec(spec: Any, key: str) -> list[str]:
     if not path:
         return problems + [f"{key}.path: missing; give {_what_a_path_is()}"]
     path = str(path)
-    if _source_of(path) is not None:
-        return problems
+    source = _source_of(path)
+    if source is not None:  # a source's name: it builds or converts the model on first use
+        return problems + (source.check(path, key) if hasattr(source, "check") else [])
     local = Path(path).expanduser()
     if local.exists():
         return problems + check_model_folder(local, key)

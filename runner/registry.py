@@ -71,7 +71,7 @@ KINDS = (
     "checkpoint_metric",
     "logger",
 )
-BUILTINS = ("runner.loggers", "recipes")  # importing these registers every built-in component and source
+BUILTINS = ("runner.loggers", "recipes", "runner.packaged_models")  # importing these registers every built-in component and source
 
 # How many leading arguments each kind's call shape supplies (they are not config parameters).
 CALL_ARGS = {"kd_loss": 4, "token_selector": 2, "merge_method": 2, "quantizer": 3, "bit_allocator": 3,
