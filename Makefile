@@ -15,7 +15,7 @@ LOCK := requirements.lock
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup setup-latest lock test test-fast run zoo zoo-eval effects mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs
+.PHONY: setup setup-latest lock test test-fast run zoo zoo-eval effects mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs real-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,8 @@ lock:  ## resolve every dependency afresh (newest allowed) in a scratch venv and
 test:  ## the whole test suite (offline)
 	$(BIN)/python -m pytest -q tests
 
-test-fast:  ## the unit tests: no command-line runs (e2e) and no slow tests
-	$(BIN)/python -m pytest -q -m "not slow and not e2e" tests
+test-fast:  ## the unit tests: no command-line runs (e2e), no real-model runs and no slow tests
+	$(BIN)/python -m pytest -q -m "not slow and not e2e and not real" tests
 
 run:  ## the demo job (override with RECIPE=...)
 	$(BIN)/python -m runner recipe=$(or $(RECIPE),sft)
@@ -107,6 +107,10 @@ lieq-experiment:  ## one layer gets a third bit: uniform 2-bit vs LieQ vs NSDS v
 bench:  ## benchmarks against peers (TRL from the bench extra), printed as ratios
 	$(BIN)/pip install -q -c $(LOCK) -e ".[bench]"
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+real-model:  ## measure the runner on SmolLM2-135M-Instruct (docs/real_model/; mergekit from the bench extra), ~10 min
+	$(BIN)/pip install -q -c $(LOCK) -e ".[bench]"
+	$(BIN)/python bench/real_model.py
 
 clean-outputs:  ## delete run and sweep folders (never the toy zoo cache)
 	rm -rf outputs multirun
