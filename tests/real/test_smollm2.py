@@ -130,9 +130,11 @@ def test_noise_eval_at_one_level(compose, tmp_path):
 def test_a_pipeline_distils_then_quantizes(compose, tmp_path):
     from runner.pipeline import run_pipeline
 
-    cfg = compose(["recipe=distill_quant_pipeline", "pipeline.overrides=[eval=none]"])
+    cfg = compose(["recipe=distill_quant_pipeline", f"output_root={tmp_path}"])  # nothing earlier to reuse
+    cfg.pipeline.overrides = ["eval=none"]
     distill = [f"model@teacher={MODEL}", f"model@student={STUDENT}", *TRAIN, "loss.chunk_size=32"]
     cfg.pipeline.steps = [{"recipe": "akl_distill", "overrides": distill},
                           {"recipe": "rtn_quantize", "feed": "model", "overrides": ["quant.bits=3"]}]
     record = run_pipeline(cfg, tmp_path / "pipe")
     assert record["status"] == "completed" and [s["status"] for s in record["steps"]] == ["completed", "completed"]
+    assert not any(s["reused"] for s in record["steps"])
