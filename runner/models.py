@@ -57,7 +57,8 @@ def _source_of(path: str):
 
 
 def _what_a_path_is() -> str:
-    named = [f"{src.label} ({', '.join(src.names())})" for src in _sources().values()]
+    sources = _sources()
+    named = [f"{sources[key].label} ({', '.join(sources[key].names())})" for key in sorted(sources)]  # import order aside
     return ", ".join(["a folder", *named]) + " or a hub id"
 
 

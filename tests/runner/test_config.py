@@ -94,7 +94,8 @@ def test_a_sweep_leaves_out_the_roles_a_recipe_does_not_take(compose):
     ("+typo=3", "typo: unknown top-level key."),
     ("+loss.mu=0.5", "loss: set, but recipe kind 'sft' does not read a 'loss' block"),
     ("model@teacher=toy-teacher", "teacher: set, but recipe kind 'sft' does not use it (it uses: model); remove it"),
-    ("model.path=toy-bsae", "model.path: 'toy-bsae' is not a folder, a toy zoo name"),
+    ("model.path=toy-bsae", "model.path: 'toy-bsae' is not a folder, a packaged model (smollm2-135m-instruct, "
+                            "smollm2-135m-instruct-l10), a toy zoo name (toy-base"),
     ("model.path=./no/such/folder", "model.path: './no/such/folder' is not a folder"),
     ("data=jsonl", "data.path: missing; give the JSONL file to train on"),
     ("data=jsonl data.path=/no/such.jsonl", "data.path: file '/no/such.jsonl' not found"),
