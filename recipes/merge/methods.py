@@ -111,15 +111,20 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def _elect_and_merge(deltas: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """TIES sign election (sign of the weighted sum, ties to +) and the disjoint (weighted) mean."""
+    """TIES sign election (sign of the weighted sum, ties to +) and the disjoint (weighted) mean.
+
+    Signs are compared on the *weighted* deltas, as mergekit's ``get_mask(weighted_deltas)`` does, so a
+    negative weight (task negation) flips its task vector before the vote; the mean divides by the
+    agreeing weights' sum, left undivided where that sum is within 1e-8 of zero (mergekit's rule).
+    """
     weighted = deltas * _expand(w, deltas[0])
     sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-    agree = (torch.sign(deltas) == sign) & (deltas != 0)
+    agree = torch.sign(weighted) == sign  # a zero (trimmed) entry has sign 0 and never agrees
     total = (weighted * agree).sum(0)
     if not normalize:
         return total
-    count = (_expand(w, deltas[0]) * agree).sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1e-12), torch.zeros_like(total))
+    divisor = (_expand(w, deltas[0]) * agree).sum(0)
+    return total / torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
 
 
 @register("merge_method", "ties", inputs=TASK_VECTORS, ranges={"density": (0.0, 1.0)}, check=check_task_vectors)

@@ -55,6 +55,16 @@ def test_ties_scales_by_lam_around_a_nonzero_base():
     close(out, [0.0, 2.25, 2.0, -0.5, -1.0, 1.0])  # 1 + 0.5 * [-2, 2.5, 2, -3, -4, 0]
 
 
+@pytest.mark.parametrize("normalize,expected", [(False, [-2.0, 1.0]), (True, [2.0, 1.0])])
+def test_ties_votes_on_weighted_deltas_so_a_negated_task_keeps_its_entry(normalize, expected):
+    # weights [1, -1]: weighted deltas [1, -2] and [1, 0]; entry 0 sums to -1, elects -, and only the
+    # negated task agrees: -2, or divided by its weight -1 with normalize (mergekit's arithmetic).
+    # Comparing raw signs (both +) would zero it. Entry 1: the first task's 1 alone (a zero never votes).
+    out = methods.ties([T([1.0, 1.0]), T([2.0, 0.0])], torch.zeros(2), density=1.0, weights=[1.0, -1.0],
+                       normalize=normalize)
+    close(out, expected)
+
+
 def test_ties_sign_ties_go_positive():
     # weighted sums are exactly 0: the + entries win, alone
     close(methods.ties([T([1.0, -2.0]), T([-1.0, 2.0])], torch.zeros(2), density=1.0), [1.0, 2.0])
