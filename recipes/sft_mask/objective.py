@@ -6,8 +6,9 @@ selector turns them into keep weights, and the weighted loss is computed chunk b
 activation checkpointing.
 
 Normalisation (spec sft_merge.md section 1): ``all_tokens`` divides by every response token,
-kept or not (ProFit's reference path with ``num_items_in_batch``); ``kept_tokens`` by the kept
-weight. Both are global over the step: the loss reports its denominator as its token count.
+kept or not (ProFit's reference path with ``num_items_in_batch``); ``kept_tokens`` by the number of
+tokens the selector weights (a nonzero weight: for a soft selector such as DFT, the count, not the sum
+of its weights). Both are global over the step: the loss reports its denominator as its token count.
 
 PSFT (Proximal SFT): the per-token loss is ``-min(r, clip(r, 1 - eps_low, 1 + eps_high))`` with
 ``r = pi_theta / pi_old`` and a constant advantage of 1, against a snapshot of the policy taken
@@ -97,7 +98,7 @@ class MaskedSFT:
             sl = slice(i, i + self.chunk_size)
             total = total + checkpoint(self._chunk_loss, hidden[sl], head, kept_targets[sl], weights[sl],
                                        None if old is None else old[sl], use_reentrant=False)
-        denom = float(n) if self.norm == "all_tokens" else float(weights.sum())
+        denom = float(n) if self.norm == "all_tokens" else float((weights > 0).sum())
         loss = total / denom if denom > 0 else total * 0.0
         logs = {"kept_fraction": float((weights > 0).float().mean()) if n else 0.0}
         return LossOutput(loss, denom, logs)

@@ -100,6 +100,18 @@ def test_normalisation_modes_differ_exactly_as_specified(model_and_batch):
     assert all_tokens.loss.item() * n_all == pytest.approx(kept_tokens.loss.item() * n_kept, rel=1e-5)
 
 
+def test_dft_with_kept_tokens_divides_by_the_weighted_token_count_not_the_weight_sum(model_and_batch):
+    model, batch = model_and_batch
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[..., 0][targets != IGNORE]
+    out = MaskedSFT(selectors.dft, {}, norm="kept_tokens")(model, batch, 0)
+    # DFT weights every token by its (stop-gradient) probability: all of them are weighted
+    assert out.num_tokens == logp.numel()
+    assert out.loss.item() == pytest.approx(float((logp.exp() * -logp).sum()) / logp.numel(), rel=1e-4)
+
+
 def test_all_masked_batch_gives_zero(model_and_batch):
     model, batch = model_and_batch
     empty = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
