@@ -95,9 +95,11 @@ class GKD:
         return out
 
 
-def _token_logps(model, batch) -> torch.Tensor:
-    """log p(y_t | y_<t) of every next token, shape [B, T-1] (fp32)."""
+def _token_logps(model, batch, temperature: float = 1.0) -> torch.Tensor:
+    """log p(y_t | y_<t) of every next token at `temperature` (logits / T), shape [B, T-1] (fp32)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     targets, _ = shift_labels(batch["labels"])
     return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 
@@ -113,10 +115,13 @@ class GOPD:
     def __call__(self, model, batch, step: int) -> LossOutput:
         batch = rollout(self.unwrap(model), batch, self.sampling, self.pad_id, self.eos_id)
         _, mask = shift_labels(batch["labels"])
-        logp = _token_logps(model, batch)
+        # every model is scored at the rollout temperature, as verl does (logits / T): the student's
+        # log-probs are then those of the policy that sampled the responses
+        t = self.sampling.temperature
+        logp = _token_logps(model, batch, t)
         with torch.no_grad():
-            logp_teacher = _token_logps(self.teacher, batch)
-            logp_ref = _token_logps(self.reference, batch)
+            logp_teacher = _token_logps(self.teacher, batch, t)
+            logp_ref = _token_logps(self.reference, batch, t)
         advantage, loss = opd_advantage_and_loss(logp, logp.detach(), logp_teacher, logp_ref, self.scale, self.clip_eps)
         n = mask.sum()
         mean = lambda x: (x * mask).sum() / n.clamp(min=1)  # noqa: E731

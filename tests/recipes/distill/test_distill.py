@@ -132,6 +132,29 @@ def test_gkd_draws_student_batches_at_the_configured_rate(pair):
     assert draws == [gkd.uses_student(s) for s in range(2000)]  # a function of (seed, step)
 
 
+def test_gopd_scores_every_model_at_the_rollout_temperature(pair, batch, monkeypatch):
+    from recipes.distill import onpolicy
+
+    student, teacher, tok = pair
+    ids, attention = batch["input_ids"][:2], batch["attention_mask"][:2]
+    small = {"input_ids": ids, "attention_mask": attention, "labels": batch["labels"][:2]}
+    with torch.no_grad():  # the hand-made score: log-softmax of logits / T at the next token
+        logits = teacher(input_ids=ids, attention_mask=attention).logits[:, :-1] / 0.7
+    targets = small["labels"][:, 1:]
+    expected = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[..., 0]
+    got = onpolicy._token_logps(teacher, small, 0.7)
+    keep = targets != IGNORE
+    assert torch.allclose(got[keep], expected[keep], atol=1e-5)
+    seen = []
+    real = onpolicy._token_logps
+    monkeypatch.setattr(onpolicy, "_token_logps", lambda model, b, t=1.0: seen.append(t) or real(model, b, t))
+    monkeypatch.setattr(onpolicy, "rollout", lambda model, b, *args: b)
+    gopd = onpolicy.GOPD(teacher, teacher, lambda m: m, 1.25, 0.2, Sampling(temperature=0.7), tok.pad_token_id,
+                         tok.eos_token_id)
+    gopd(student, small, 0)
+    assert seen == [0.7, 0.7, 0.7]  # student, teacher, reference
+
+
 def test_opd_advantage_and_clip():
     logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
     teacher = torch.tensor([-0.5, -3.0, -0.5])
