@@ -74,13 +74,15 @@ class Selection:
 
     layers: set[int] | None = None  # None: all; tensors outside any layer are selected only when no layer filter is set
     modules: tuple[str, ...] | None = None  # None: all kinds
-    names: tuple[str, ...] | None = None  # None: all; else one dotted part of the name must be listed (q_proj, ...)
+    # None: all; else the lowercased name must contain one of these (the Shadow-FT reference's rule, so
+    # fused qkv_proj and gate_up_proj are selected through v_proj and up_proj)
+    contains: tuple[str, ...] | None = None
 
     def __call__(self, key: str) -> bool:
         layer, kind = classify(key)
         if self.modules is not None and kind not in self.modules:
             return False
-        if self.names is not None and not set(self.names) & set(key.split(".")):
+        if self.contains is not None and not any(part in key.lower() for part in self.contains):
             return False
         if self.layers is not None:
             return layer is not None and layer in self.layers

@@ -4,9 +4,10 @@
 
 - ``base`` (Shadow-FT, arXiv 2505.12716): fine-tune ``base`` on the data with Instruct's tokenizer and
   chat template, fully or through LoRA (``lora.enabled=true``), save it as ``tuned_base/``, then write
-  ``instruct + scale * (tuned_base - base)`` for every tensor with a dotted name part in
-  ``graft.patterns`` (the attention and MLP projections, biases included); embeddings, lm_head and
-  norms stay Instruct's. The graft streams tensor by tensor (`recipes.merge.engine`), so at most one
+  ``instruct + scale * (tuned_base - base)`` for every tensor whose lowercased name contains one of
+  ``graft.patterns`` (the attention and MLP projections, biases and fused ``qkv_proj`` /
+  ``gate_up_proj`` included, as the reference's substring rule has it); embeddings, lm_head and
+  norms stay Instruct's, and a ``*_proj`` tensor left at Instruct's value is named in a warning. The graft streams tensor by tensor (`recipes.merge.engine`), so at most one
   model is ever held in memory (the one being trained). results.json reports ``relative_delta``:
   ||W_instruct - W_base|| / ||W_base|| (and the same for the tuned Base) over the grafted tensors;
 - ``instruct``: fine-tune ``instruct`` directly, fully or through LoRA: the conventional baseline;
@@ -25,6 +26,7 @@ from typing import List, Optional
 from omegaconf import DictConfig
 
 from recipes.merge.engine import Selection, merge_models
+from runner.tensorio import TensorSource
 from runner.config import bounds
 from runner.data import build_dataset
 from runner.errors import ConfigError
@@ -69,7 +71,7 @@ class GraftWithNorms:
 @dataclass
 class GraftConfig:
     tune: str = field(default="base", metadata=bounds(choices=("base", "instruct", "none")))
-    patterns: List[str] = field(default_factory=lambda: list(PROJECTIONS))  # dotted name parts that are grafted
+    patterns: List[str] = field(default_factory=lambda: list(PROJECTIONS))  # substrings of the names that are grafted
     scale: float = field(default=1.0, metadata=bounds(0))
     dtype: Optional[str] = field(default=None, metadata=bounds(choices=tuple(DTYPES)))  # default: Instruct's
     max_shard_size: str = "2GB"
@@ -135,9 +137,14 @@ class ShadowFT(Recipe):
             tuned = resolve_model_path(cfg.tuned_base)
         out = ctx.run_dir / "checkpoint"
         stats, method = {}, GraftWithNorms()
+        selection = Selection(contains=tuple(p.lower() for p in g.patterns))
+        left = [k for k in TensorSource(instruct).keys() if "_proj" in k.lower() and not selection(k)]
+        if left:
+            ctx.log.warning("%d projection tensors match no graft.patterns and stay Instruct's: %s", len(left),
+                            ", ".join(left[:8]) + (", ..." if len(left) > 8 else ""))
         if ctx.is_main_process:
             stats = merge_models([instruct, tuned], base, method, {"scale": g.scale}, out,
-                                 selection=Selection(names=tuple(g.patterns)), outside=instruct, donor=instruct,
+                                 selection=selection, outside=instruct, donor=instruct,
                                  dtype=g.dtype, max_shard_size=g.max_shard_size, seed=cfg.seed)
         ctx.accelerator.wait_for_everyone()
         return RecipeResult(checkpoint=out, train=result,

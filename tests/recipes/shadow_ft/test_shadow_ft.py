@@ -87,7 +87,7 @@ def test_lora_graft_equals_the_dense_sum(trio, tmp_path):
     save_checkpoint(peft_model.merge_and_unload(), tokenizer, tmp_path / "tuned")
 
     merge_models([trio["instruct"], tmp_path / "tuned"], trio["base"], graft, {"scale": 1.0}, tmp_path / "out",
-                 selection=Selection(names=tuple(PROJECTIONS)), outside=trio["instruct"], donor=trio["instruct"],
+                 selection=Selection(contains=tuple(PROJECTIONS)), outside=trio["instruct"], donor=trio["instruct"],
                  dtype=None, max_shard_size="2GB", seed=0)
     i, out = tensors_of(trio["instruct"]), tensors_of(tmp_path / "out")
     scaling = 2 * lora.rank / lora.rank  # alpha defaults to 2 * rank
@@ -99,13 +99,49 @@ def test_lora_graft_equals_the_dense_sum(trio, tmp_path):
             assert torch.equal(out[k], i[k]), k
 
 
+def test_a_projection_left_at_instruct_is_named_in_a_warning(compose, trio, tmp_path, caplog):
+    cfg = compose(["recipe=graft", f"base.path={trio['base']}", f"tuned_base.path={trio['tuned']}",
+                   f"instruct.path={trio['instruct']}", "graft.patterns=[q_proj,k_proj,v_proj,o_proj]", "eval=none",
+                   f"output_root={tmp_path}"])
+    with caplog.at_level("WARNING", logger="runner"):
+        run(cfg, tmp_path / "run")
+    [warning] = [r.getMessage() for r in caplog.records if "match no graft.patterns" in r.getMessage()]
+    assert warning.startswith("6 projection tensors match no graft.patterns and stay Instruct's: ")
+    assert "model.layers.0.mlp.down_proj.weight" in warning and "q_proj" not in warning
+
+
+def test_fused_projections_are_grafted_as_the_reference_matches_them(tmp_path, toy_tokenizer):
+    """Phi-3 stores fused qkv_proj and gate_up_proj tensors: the reference's substring rule grafts them
+    (through v_proj and up_proj), as it does every other projection; norms and embeddings stay Instruct's."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from runner.models import save_checkpoint
+
+    folders = {}
+    for name, seed in (("base", 0), ("tuned", 1), ("instruct", 2)):
+        torch.manual_seed(seed)
+        config = Phi3Config(vocab_size=len(toy_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, pad_token_id=toy_tokenizer.pad_token_id)
+        folders[name] = save_checkpoint(Phi3ForCausalLM(config), toy_tokenizer, tmp_path / name)
+    out = tmp_path / "out"
+    merge_models([folders["instruct"], folders["tuned"]], folders["base"], graft, {"scale": 1.0}, out,
+                 selection=Selection(contains=tuple(PROJECTIONS)), outside=folders["instruct"],
+                 donor=folders["instruct"], dtype=None, max_shard_size="2GB", seed=0)
+    b, t, i, o = (tensors_of(f) for f in (folders["base"], folders["tuned"], folders["instruct"], out))
+    fused = [k for k in o if "qkv_proj" in k or "gate_up_proj" in k]
+    assert len(fused) == 4  # two layers, qkv and gate_up each
+    for k in o:
+        expected = i[k] + (t[k] - b[k]) if "_proj" in k else i[k]
+        assert torch.allclose(o[k], expected, atol=1e-6), k
+
+
 def test_mismatched_checkpoints_fail_before_writing(trio, tmp_path, toy_tokenizer):
     wide = make_tiny_model(tmp_path / "wide", toy_tokenizer, "llama", 4, hidden=48)
     deep = make_tiny_model(tmp_path / "deep", toy_tokenizer, "llama", 4, layers=3)
     for other, expected in ((wide, "model.embed_tokens.weight: shape [657, 32] in"), (deep, "tensor names differ")):
         with pytest.raises(ConfigError) as err:
             merge_models([trio["instruct"], other], trio["base"], graft, {}, tmp_path / "out",
-                         selection=Selection(names=tuple(PROJECTIONS)), outside=trio["instruct"],
+                         selection=Selection(contains=tuple(PROJECTIONS)), outside=trio["instruct"],
                          donor=trio["instruct"], dtype=None, max_shard_size="2GB", seed=0)
         assert any(expected in p for p in err.value.problems), err.value.problems
         assert not (tmp_path / "out").exists()
@@ -179,7 +215,7 @@ def peak_mb():
 root = Path(sys.argv[1])
 before = peak_mb()
 merge_models([root / "instruct", root / "tuned"], root / "base", graft, {}, root / "out",
-             selection=Selection(names=tuple(PROJECTIONS)), outside=root / "instruct", donor=root / "instruct",
+             selection=Selection(contains=tuple(PROJECTIONS)), outside=root / "instruct", donor=root / "instruct",
              dtype=None, max_shard_size="4MB", seed=0)
 print(peak_mb() - before)
 """
