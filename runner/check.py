@@ -19,9 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
 
-USAGE = __doc__.split("\n\n")[0]
-
-
 def resolved_blocks(recipe, blocks) -> dict[str, dict]:
     """Each method block as the recipe will use it: its own keys (typed, defaults filled in), the
     component parameters it sets, and the defaults of those it leaves out."""

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ROLE_NODE = "_role"  # conf/model/_role.yaml: an empty option that makes a role's node exist
 GROUPS = ("recipe", "data", "eval", "model")  # the runner's config groups (hydra/... are Hydra's own)
-_GROUP_OVERRIDE = re.compile(r"^(?P<group>recipe|data|eval|model)(@(?P<role>[\w.]+))?=(?P<value>.*)$")
+_GROUP_OVERRIDE = re.compile(rf"^(?P<group>{'|'.join(GROUPS)})(@(?P<role>[\w.]+))?=(?P<value>.*)$")
 _ROLE_KEY = re.compile(r"^\+{0,2}(?P<role>\w+)\.")
 
 

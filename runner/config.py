@@ -204,9 +204,13 @@ def range_problem(key: str, value: float, lo=None, hi=None, lo_open: bool = Fals
     below = lo is not None and (value <= lo if lo_open else value < lo)
     if not below and not (hi is not None and value > hi):
         return None
-    limits = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
-    limits += [f"<= {hi}"] if hi is not None else []
-    return f"{key}: {value} is out of range; it must be {' and '.join(limits)}"
+    return f"{key}: {value} is out of range; it must be {limits(lo, hi, lo_open)}"
+
+
+def limits(lo=None, hi=None, lo_open: bool = False) -> str:
+    """'>= lo and <= hi' (or '> lo ...'), the bounds a range message states."""
+    parts = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
+    return " and ".join(parts + ([f"<= {hi}"] if hi is not None else []))
 
 
 def _dataclass_in(hint: Any) -> type | None:

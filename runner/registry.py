@@ -145,7 +145,7 @@ class Contract:
     runtime: tuple[str, ...] = ()  # keyword arguments the caller supplies, never the config
     open: bool = False  # takes **kwargs: any parameter is accepted
     inputs: Inputs | None = None  # merge methods
-    storage: Callable | None = None  # quantizers: (bits, group_size, sym) -> (code bits, effective bits)
+    storage: Any = None  # quantizers: what a weight costs (recipes.quantize.quantizers.Storage)
     check: Callable | None = None  # (params, key) -> problems: rules joining several parameters
 
 
@@ -224,7 +224,7 @@ def _table(kind: str) -> dict[str, Any]:
 
 def register(kind: str, name: str | None = None, *, aliases: Iterable[str] = (), ranges: Mapping | None = None,
              choices: Mapping | None = None, runtime: Iterable[str] = (), inputs: Inputs | None = None,
-             storage: Callable | None = None, check: Callable | None = None) -> Callable:
+             storage: Any = None, check: Callable | None = None) -> Callable:
     """Decorator: register the decorated object under `name` (default: its ``__name__``) with its contract.
 
     `ranges` ({param: (lo, hi) or (lo, hi, "open")}, None for no bound) and `choices` ({param: values})

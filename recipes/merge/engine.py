@@ -82,7 +82,7 @@ class Selection:
         layer, kind = classify(key)
         if self.modules is not None and kind not in self.modules:
             return False
-        if self.contains is not None and not any(part in key.lower() for part in self.contains):
+        if self.contains is not None and not any(part.lower() in key.lower() for part in self.contains):
             return False
         if self.layers is not None:
             return layer is not None and layer in self.layers

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 # importing the noise module registers the noise models
 from recipes.noise_eval.noise import ReadNoise
 from runner import registry
-from runner.config import bounds, range_problem
+from runner.config import bounds, limits, range_problem
 from runner.models import decoder_linears
 from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
@@ -115,8 +115,8 @@ class NoiseEval(Recipe):
         else:
             bad = [v for v in n.sweep if range_problem("", v, swept.lo, swept.hi, swept.lo_open)]  # floats: levels are checked below
             if bad:
-                limits = " and ".join([f">= {swept.lo}"] * (swept.lo is not None) + [f"<= {swept.hi}"] * (swept.hi is not None))
-                problems.append(f"noise.sweep: {bad} out of range for {n.param}; it must be {limits}")
+                problems.append(f"noise.sweep: {bad} out of range for {n.param}; it must be "
+                                f"{limits(swept.lo, swept.hi, swept.lo_open)}")
             if n.param == "levels" and any(float(v) != int(v) for v in n.sweep):
                 problems.append(f"noise.sweep: {[v for v in n.sweep if float(v) != int(v)]} are not whole numbers of levels")
         if not cfg.eval.tasks:

@@ -96,7 +96,7 @@ class Quantize(Recipe):
 
     def check(self, cfg: DictConfig, blocks: Blocks) -> list[str]:
         q = blocks["quant"]
-        quantizer = registry.contract("quantizer", q.method)
+        quantizer, storage = registry.contract("quantizer", q.method), quantizers.storage_of(q.method)
         problems = []
         if q.group_size == 0 or q.group_size < -1:
             problems.append(f"quant.group_size: {q.group_size} is not allowed; give a positive number of columns "
@@ -105,7 +105,7 @@ class Quantize(Recipe):
             problems.append(f"quant.sym: quantizer {q.method!r} has no symmetric grid; set quant.sym=false")
         problems += _bad_regex(list(q.targets), "quant.targets") + _bad_regex(list(q.ignore), "quant.ignore")
         if q.allocator is not None:
-            problems += self._check_allocator(q, quantizer)
+            problems += self._check_allocator(q, storage)
         elif q.avg_bits is not None:
             problems.append("quant.avg_bits: set, but no quant.allocator distributes it; "
                             "set quant.allocator=lieq|nsds|uniform or remove avg_bits")
@@ -113,7 +113,7 @@ class Quantize(Recipe):
             from recipes.quantize.export import available
 
             packable = sorted(n for n in registry.names("quantizer") if quantizers.storage_of(n).packable)
-            if not quantizers.storage_of(q.method).packable:
+            if not storage.packable:
                 problems.append(f"quant.export: compressed_tensors stores integer grids ({', '.join(packable)}); "
                                 f"{q.method!r} cannot be packed exactly; use quant.export=none")
             elif not available():
@@ -122,9 +122,9 @@ class Quantize(Recipe):
         return problems
 
     @staticmethod
-    def _check_allocator(q, quantizer) -> list[str]:
+    def _check_allocator(q, storage) -> list[str]:
         problems = []
-        if quantizers.storage_of(q.method).code_bits is not None:
+        if storage.code_bits is not None:
             problems.append(f"quant.allocator: quantizer {q.method!r} has a fixed code size; it cannot take per-layer bits")
         choices = list(q.bit_choices)
         bad = [b for b in choices if not 1 <= b <= 8]

@@ -7,8 +7,9 @@
   ``instruct + scale * (tuned_base - base)`` for every tensor whose lowercased name contains one of
   ``graft.patterns`` (the attention and MLP projections, biases and fused ``qkv_proj`` /
   ``gate_up_proj`` included, as the reference's substring rule has it); embeddings, lm_head and
-  norms stay Instruct's, and a ``*_proj`` tensor left at Instruct's value is named in a warning. The graft streams tensor by tensor (`recipes.merge.engine`), so at most one
-  model is ever held in memory (the one being trained). results.json reports ``relative_delta``:
+  norms stay Instruct's, and a ``*_proj`` tensor left at Instruct's value is named in a warning. The
+  graft streams tensor by tensor (`recipes.merge.engine`), so at most one model is ever held in
+  memory (the one being trained). results.json reports ``relative_delta``:
   ||W_instruct - W_base|| / ||W_base|| (and the same for the tuned Base) over the grafted tensors;
 - ``instruct``: fine-tune ``instruct`` directly, fully or through LoRA: the conventional baseline;
 - ``none``: graft an existing ``tuned_base`` checkpoint onto ``instruct`` without training.
@@ -26,7 +27,6 @@ from typing import List, Optional
 from omegaconf import DictConfig
 
 from recipes.merge.engine import Selection, merge_models
-from runner.tensorio import TensorSource
 from runner.config import bounds
 from runner.data import build_dataset
 from runner.errors import ConfigError
@@ -34,7 +34,7 @@ from runner.lora import LoraConfig, with_lora
 from runner.models import DTYPES, check_same_vocab, load_tokenizer, resolve_model_path
 from runner.recipe import Blocks, Recipe, RecipeResult, RunContext
 from runner.registry import register
-from runner.tensorio import parse_size
+from runner.tensorio import TensorSource, parse_size
 from runner.train import causal_lm_loss
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -137,7 +137,7 @@ class ShadowFT(Recipe):
             tuned = resolve_model_path(cfg.tuned_base)
         out = ctx.run_dir / "checkpoint"
         stats, method = {}, GraftWithNorms()
-        selection = Selection(contains=tuple(p.lower() for p in g.patterns))
+        selection = Selection(contains=tuple(g.patterns))
         left = [k for k in TensorSource(instruct).keys() if "_proj" in k.lower() and not selection(k)]
         if left:
             ctx.log.warning("%d projection tensors match no graft.patterns and stay Instruct's: %s", len(left),
