@@ -34,8 +34,9 @@ def tuned(smol, tmp_path_factory):
     from runner.compose import compose_job
 
     run_dir = tmp_path_factory.mktemp("real") / "sft"
+    # eval batch 1: no padding, so the eval's greedy generation and plain generate() compute alike
     record = run(compose_job(["recipe=sft", f"model={MODEL}", *TRAIN, "eval=toy_quick", "eval.limit=4",
-                              "eval.baseline=false"]), run_dir)
+                              "eval.batch_size=1", "eval.baseline=false"]), run_dir)
     return record, run_dir
 
 
