@@ -12,7 +12,7 @@ from runner.config import DataConfig
 from runner.data import IGNORE, build_dataset, collate
 from runner.errors import ConfigError
 from runner.models import load_model
-from runner.run import run, validate
+from runner.run import checked, run, validate
 from runner.train import causal_lm_loss
 
 PROBS = torch.tensor([[0.05, 0.1, 0.5, 0.09, 0.9]])
@@ -164,6 +164,12 @@ def test_masked_sft_recipes_run_on_the_toy_world(compose, tmp_path, recipe):
     assert len(history) == 4 and all(0 < h["kept_fraction"] <= 1 for h in history)  # logged every step we log
     if recipe == "profit_sft":
         assert results["sft_mask"]["mean_kept_fraction"] < 1.0
+
+
+def test_rho1_averages_over_the_kept_tokens_as_the_paper_and_profit_over_all_as_its_code(compose):
+    # Rho-1's L_SLM divides by N * k% (the kept tokens); ProFit's reference code by every response token
+    assert checked(compose(["recipe=rho1_sft"]))[1]["selector"].norm == "kept_tokens"
+    assert checked(compose(["recipe=profit_sft"]))[1]["selector"].norm == "all_tokens"
 
 
 @pytest.mark.parametrize("override,expected", [
