@@ -5,7 +5,14 @@ Modes (``onpolicy.mode``):
 - ``off``: KD on dataset batches (DistiLLM/AKL/LoCa style), optionally mixed with CE
   (``loss.kd_ratio``: the KD weight; CE gets ``1 - kd_ratio``);
 - ``gkd``: a fraction of the batches are answered by the student first (TRL GKD);
-- ``gopd``: every batch is a student rollout trained by PPO-clip on G-OPD advantages.
+- ``gopd``: every batch is a student rollout trained by PPO-clip on G-OPD advantages; the reference
+  is the student's start, or the ``reference`` model when one is given (reward correction).
+
+``loss.realign.enabled=true`` is TrRa (training-time realignment): on dataset batches the student
+(the policy, started at the reference) learns the fused target softmax(lam * z_teacher + (1 - lam) *
+z_reference), the teacher being the aligned model and the reference the student's start unless a
+``reference`` model is given; ``loss.name`` picks the divergence (fkl: the released code's
+KL(p* || pi), rkl: the paper's KL(pi || p*)).
 
 ``lora.enabled=true`` trains the student through LoRA adapters (LLM-Neo) and saves the merged
 model as a plain checkpoint. The teacher and student must share a tokenizer; embedding rows
@@ -24,9 +31,9 @@ from omegaconf import DictConfig
 
 from recipes.distill import losses  # noqa: F401  (registers the kd_loss entries)
 from recipes.distill.objective import KDObjective
-from recipes.distill.onpolicy import GKD, GOPD, Sampling
+from recipes.distill.onpolicy import AGGREGATIONS, GKD, GOPD, Sampling
 from runner import registry
-from runner.config import bounds
+from runner.config import bounds, method_block
 from runner.data import build_dataset
 from runner.errors import ConfigError
 from runner.lm_head import check_plain_head
@@ -43,6 +50,14 @@ class LocaConfig:
 
 
 @dataclass
+class RealignConfig:
+    """TrRa: distil toward softmax(lam * z_teacher + (1 - lam) * z_reference) (arXiv 2506.12704)."""
+
+    enabled: bool = False
+    lam: float = 1.5  # the released code's pref_beta default; 0 = the reference, 1 = the aligned model
+
+
+@dataclass
 class LossConfig:
     """The recipe's own `loss` keys; the divergence's parameters (mu, beta, ...) sit beside them."""
 
@@ -52,6 +67,7 @@ class LossConfig:
     chunk_size: int = field(default=0, metadata=bounds(0))
     topk: int = field(default=0, metadata=bounds(0))
     loca: LocaConfig = field(default_factory=LocaConfig)
+    realign: RealignConfig = field(default_factory=RealignConfig)
 
 
 @dataclass
@@ -64,11 +80,14 @@ class OnPolicyConfig:
     temperature: float = field(default=1.0, metadata=bounds(0, lo_open=True))
     top_p: float = field(default=1.0, metadata=bounds(0, 1, lo_open=True))
     top_k: int = field(default=0, metadata=bounds(0))
+    # [R] verl's token-mean within micro-batches of one sequence amounts to seq_mean_token_mean
+    agg: str = field(default="seq_mean_token_mean", metadata=bounds(choices=AGGREGATIONS))
 
 
 @register("recipe", "distill")
 class Distill(Recipe):
     roles = ("teacher", "student")
+    optional_roles = ("reference",)  # G-OPD's reward correction, TrRa's reference; else the student's start
     blocks = {"loss": LossConfig, "onpolicy": OnPolicyConfig, "lora": LoraConfig}
     components = {"loss": (Component("kd_loss", "name"),)}
     data_role = "student"
@@ -83,7 +102,22 @@ class Distill(Recipe):
         if blocks["onpolicy"].mode == "gopd" and blocks["loss"].loca.enabled:
             problems.append("loss.loca.enabled: LoCa needs ground-truth labels; G-OPD trains only on "
                             "student rollouts")
+        if blocks["loss"].realign.enabled and blocks["onpolicy"].mode != "off":
+            problems.append(f"loss.realign.enabled: TrRa is teacher-forced on dataset batches; it needs "
+                            f"onpolicy.mode=off, not {blocks['onpolicy'].mode!r}")
+        if cfg.get("reference") is not None and not self._needs_reference(blocks["loss"], blocks["onpolicy"]):
+            problems.append("reference: set, but only G-OPD with onpolicy.reward_scale != 1 (onpolicy.mode=gopd; at "
+                            "reward_scale 1 the reference drops out of the advantage) and TrRa "
+                            "(loss.realign.enabled=true) use a reference model; remove it")
         return problems
+
+    def uses(self, cfg: DictConfig) -> set[str]:
+        needs = self._needs_reference(method_block(cfg, "loss", LossConfig), method_block(cfg, "onpolicy", OnPolicyConfig))
+        return {*self.roles, *(["reference"] if needs else [])}
+
+    @staticmethod
+    def _needs_reference(loss_cfg, onpolicy) -> bool:
+        return loss_cfg.realign.enabled or (onpolicy.mode == "gopd" and onpolicy.reward_scale != 1.0)
 
     # ----------------------------------------------------------------------------------------
     def run(self, cfg: DictConfig, ctx: RunContext) -> RecipeResult:
@@ -93,51 +127,74 @@ class Distill(Recipe):
         tok_student = load_tokenizer(resolve_model_path(cfg.student), trust_remote_code=cfg.student.trust_remote_code)
         tok_teacher = load_tokenizer(resolve_model_path(cfg.teacher), trust_remote_code=cfg.teacher.trust_remote_code)
         check_same_vocab(tok_teacher, tok_student, "teacher", "student")
+        given_reference = cfg.get("reference") is not None and self._needs_reference(loss_cfg, onpolicy)
+        if given_reference:
+            tok_reference = load_tokenizer(resolve_model_path(cfg.reference), trust_remote_code=cfg.reference.trust_remote_code)
+            check_same_vocab(tok_reference, tok_student, "reference", "student")
 
         student, tokenizer = ctx.load_model("student")
         teacher, _ = ctx.load_model("teacher")
         teacher.eval().requires_grad_(False)
-        vocab_size = self._common_vocab(student, teacher, len(tokenizer), ctx)
+        # the reference: the model given (reward correction), else a frozen copy of the student's start
+        reference = None
+        if given_reference:
+            reference, _ = ctx.load_model("reference")
+            reference.eval().requires_grad_(False)
+        elif self._needs_reference(loss_cfg, onpolicy):
+            reference = copy.deepcopy(student).eval().requires_grad_(False)
+        vocab_size = self._common_vocab(student, teacher, len(tokenizer), ctx, reference)
         if loss_cfg.chunk_size:
             check_plain_head(student, "student")
             check_plain_head(teacher, "teacher")
+            if reference is not None:
+                check_plain_head(reference, "reference")
 
-        reference = copy.deepcopy(student).eval().requires_grad_(False) if onpolicy.mode == "gopd" else None
         if lora.enabled:
             student = with_lora(student, lora)
 
         objective = KDObjective(registry.get("kd_loss", loss_cfg.name), ctx.blocks.params["loss"], temperature=loss_cfg.temperature, kd_ratio=loss_cfg.kd_ratio,
                                 loca_alpha=loss_cfg.loca.alpha if loss_cfg.loca.enabled else None,
-                                topk=loss_cfg.topk, chunk_size=loss_cfg.chunk_size, vocab_size=vocab_size)
+                                topk=loss_cfg.topk, chunk_size=loss_cfg.chunk_size, vocab_size=vocab_size,
+                                reference=reference if loss_cfg.realign.enabled else None,
+                                realign_lam=loss_cfg.realign.lam)
         sampling = Sampling(onpolicy.max_new_tokens, onpolicy.temperature, onpolicy.top_p, onpolicy.top_k)
         unwrap = ctx.accelerator.unwrap_model
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         if onpolicy.mode == "gkd":
             loss_fn = GKD(objective, teacher, unwrap, onpolicy.student_fraction, sampling, pad, eos, cfg.train.seed)
         elif onpolicy.mode == "gopd":
-            loss_fn = GOPD(teacher, reference, unwrap, onpolicy.reward_scale, onpolicy.clip_eps, sampling, pad, eos)
+            loss_fn = GOPD(teacher, reference, unwrap, onpolicy.reward_scale, onpolicy.clip_eps, sampling, pad, eos,
+                           onpolicy.agg)
         else:
             def loss_fn(model, batch, step):
                 return objective(model, teacher, batch)
 
         examples = build_dataset(cfg.data, tokenizer)
-        ctx.log.info("distilling %s -> %s with %s (%s) on %d examples", cfg.teacher.path, cfg.student.path,
-                     loss_cfg.name, onpolicy.mode, len(examples))
-        result = ctx.train(student, examples, loss_fn, pad_id=pad,
-                           desc=f"distill[{'gopd' if onpolicy.mode == 'gopd' else loss_cfg.name}]")
+        ctx.log.info("distilling %s -> %s with %s (%s) on %d examples%s", cfg.teacher.path, cfg.student.path,
+                     loss_cfg.name, onpolicy.mode, len(examples),
+                     f"; reference {cfg.reference.path if given_reference else 'the student start'}" if reference is not None else "")
+        method = "gopd" if onpolicy.mode == "gopd" else f"trra,{loss_cfg.name}" if loss_cfg.realign.enabled else loss_cfg.name
+        result = ctx.train(student, examples, loss_fn, pad_id=pad, desc=f"distill[{method}]")
         student = ctx.accelerator.unwrap_model(student)
         if lora.enabled:
             student = student.merge_and_unload()  # a plain model: W + (alpha/r) * B @ A
         checkpoint = ctx.save(student, tokenizer) if cfg.save_checkpoint else None
+        extra = {}
+        if reference is not None:
+            extra["reference"] = cfg.reference.path if given_reference else "student start"
+        if loss_cfg.realign.enabled:
+            extra["realign_lam"] = loss_cfg.realign.lam
         return RecipeResult(checkpoint=checkpoint, model=student, tokenizer=tokenizer, train=result,
                             extra={"distill": {"loss": loss_cfg.name, "mode": onpolicy.mode, "lora": lora.enabled,
-                                               "compared_vocab": vocab_size}})
+                                               "compared_vocab": vocab_size, **extra}})
 
     @staticmethod
-    def _common_vocab(student, teacher, tokenizer_len: int, ctx: RunContext) -> int:
+    def _common_vocab(student, teacher, tokenizer_len: int, ctx: RunContext, reference=None) -> int:
         """Logit rows compared: the tokenizer's length; rows beyond it are padding and are dropped."""
         sizes = {"student": student.get_output_embeddings().weight.shape[0],
                  "teacher": teacher.get_output_embeddings().weight.shape[0]}
+        if reference is not None:
+            sizes["reference"] = reference.get_output_embeddings().weight.shape[0]
         short = {k: v for k, v in sizes.items() if v < tokenizer_len}
         if short:
             raise ConfigError(f"{', '.join(short)}: output layer has fewer rows ({short}) than the tokenizer has "

@@ -4,13 +4,17 @@
   ``student_fraction`` (TRL's lambda) the batch's prompts are answered by the student and the KD
   divergence is taken on those responses (LoCa and CE off: there is no ground truth); otherwise the
   dataset batch is used as is.
-- **G-OPD / ExOPD** (spec distill.md section 5): every batch is a student rollout; each sampled
-  token gets the advantage ``A_t = lam * (log p_T - log p_ref) - (log p_old - log p_ref)`` from the
-  teacher, the reference (the student's initial weights) and the student that sampled, and the
-  student takes a PPO-clip step on it (token-mean). ``lam = reward_scale``: 1 is plain OPD, 1.25
-  (the released scripts) extrapolates past the teacher. With one update per rollout, as in the
-  reference scripts (n=1, one PPO epoch), the sampling policy is the current one, so the ratio is 1
-  and the clip never binds; it is kept for the same objective under larger rollout batches.
+- **G-OPD / ExOPD** (spec distill.md section 5, new_methods.md section 1): every batch is a student
+  rollout; each sampled token gets the advantage ``A_t = lam * (log p_T - log p_ref) - (log p_old -
+  log p_ref)`` from the teacher, the reference and the student that sampled, and the student takes a
+  PPO-clip step on it. ``lam = reward_scale``: 1 is plain OPD (``A_t = log p_T - log p_old``: the
+  reference drops out and is neither loaded nor run), 1.25 (the released scripts) extrapolates past
+  the teacher. The reference is the student's initial weights unless a ``reference`` model is given
+  (reward correction: the teacher's pre-RL base). With one update per rollout, as in the reference
+  scripts (n=1, one PPO epoch), the sampling policy is the current one, so the ratio is 1 and the
+  clip never binds; it is kept for the same objective under larger rollout batches. ``agg``: the
+  token losses are averaged over all response tokens (``token_mean``) or within each sequence and
+  then over sequences (``seq_mean_token_mean``, what verl's token-mean at micro-batch 1 amounts to).
 """
 
 from __future__ import annotations
@@ -104,12 +108,21 @@ def _token_logps(model, batch, temperature: float = 1.0) -> torch.Tensor:
     return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+
+
 class GOPD:
     """G-OPD / ExOPD: PPO-clip on per-token advantages from teacher, reference and student."""
 
     def __init__(self, teacher, reference, unwrap: Callable, reward_scale: float, clip_eps: float,
-                 sampling: Sampling, pad_id: int, eos_id: int):
-        self.teacher, self.reference, self.unwrap = teacher, reference, unwrap
+                 sampling: Sampling, pad_id: int, eos_id: int, agg: str = "seq_mean_token_mean"):
+        if reward_scale != 1.0 and reference is None:
+            raise ConfigError(f"onpolicy.reward_scale: {reward_scale} needs a reference model (the advantage is "
+                              "lam * (log p_T - log p_ref) - (log p_S - log p_ref)); give one, or use reward_scale=1")
+        if agg not in AGGREGATIONS:
+            raise ConfigError(f"onpolicy.agg: {agg!r} is not one of {', '.join(AGGREGATIONS)}")
+        self.teacher, self.unwrap, self.agg = teacher, unwrap, agg
+        self.reference = reference if reward_scale != 1.0 else None  # at lam = 1 it drops out: no forward
         self.scale, self.clip_eps, self.sampling, self.pad_id, self.eos_id = reward_scale, clip_eps, sampling, pad_id, eos_id
 
     def __call__(self, model, batch, step: int) -> LossOutput:
@@ -121,17 +134,50 @@ class GOPD:
         logp = _token_logps(model, batch, t)
         with torch.no_grad():
             logp_teacher = _token_logps(self.teacher, batch, t)
-            logp_ref = _token_logps(self.reference, batch, t)
+            logp_ref = _token_logps(self.reference, batch, t) if self.reference is not None else None
         advantage, loss = opd_advantage_and_loss(logp, logp.detach(), logp_teacher, logp_ref, self.scale, self.clip_eps)
         n = mask.sum()
         mean = lambda x: (x * mask).sum() / n.clamp(min=1)  # noqa: E731
         logs = {"advantage": float(mean(advantage)), "reverse_kl": float(mean(logp.detach() - logp_teacher))}
-        return LossOutput(mean(loss), n, logs)
+        value, count = aggregate(loss, mask, self.agg)
+        return LossOutput(value, count, logs)
+
+
+def opd_advantage(logp_old, logp_teacher, logp_ref, reward_scale: float) -> torch.Tensor:
+    """G-OPD's per-token advantage lam * (l_T - l_ref) - (l_S - l_ref), without gradient.
+
+    At lam = 1 it is l_T - l_S whatever the reference (`logp_ref` may then be None); otherwise a
+    reference is required.
+    """
+    if reward_scale == 1.0:
+        return (logp_teacher - logp_old).detach()
+    if logp_ref is None:
+        raise ConfigError(f"onpolicy.reward_scale: {reward_scale} needs the reference model's log-probs")
+    return (reward_scale * (logp_teacher - logp_ref) - (logp_old - logp_ref)).detach()
 
 
 def opd_advantage_and_loss(logp, logp_old, logp_teacher, logp_ref, reward_scale: float, clip_eps: float):
     """Per-token advantage (no gradient) and PPO-clip loss, both shaped like `logp`."""
-    advantage = (reward_scale * (logp_teacher - logp_ref) - (logp_old - logp_ref)).detach()
+    advantage = opd_advantage(logp_old, logp_teacher, logp_ref, reward_scale)
     ratio = torch.exp((logp - logp_old).clamp(-20.0, 20.0))
     loss = -torch.minimum(ratio * advantage, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantage)
     return advantage, loss
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, count) of a [B, T] per-token loss under `mask`, for `LossOutput`.
+
+    The training loop weights each micro-batch's mean by its count and divides by the step's total,
+    so ``token_mean`` (count = tokens) is a mean over every response token of the step and
+    ``seq_mean_token_mean`` (count = sequences with a response token) a mean over the step's
+    sequences of each one's token mean, however the step is split into micro-batches.
+    """
+    mask = mask.to(per_token.dtype)
+    if agg == "token_mean":
+        n = mask.sum()
+        return (per_token * mask).sum() / n.clamp(min=1), n
+    tokens = mask.sum(-1)
+    rows = tokens > 0
+    per_seq = (per_token * mask).sum(-1) / tokens.clamp(min=1)
+    count = rows.sum()
+    return (per_seq * rows).sum() / count.clamp(min=1), count
