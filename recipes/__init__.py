@@ -11,6 +11,7 @@ from recipes import (  # noqa: F401
     merge,
     noise_eval,
     quantize,
+    realign,
     sft,
     sft_mask,
     shadow_ft,

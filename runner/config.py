@@ -16,8 +16,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from runner.errors import ConfigError
 
-ROLES = ("model", "teacher", "student", "base", "instruct", "thinking", "tuned_base", "reference")
-METHOD_BLOCKS = ("loss", "selector", "graft", "merge", "quant", "noise", "onpolicy", "lora", "pipeline")
+ROLES = ("model", "teacher", "student", "base", "instruct", "thinking", "tuned_base", "reference", "aligned")
+METHOD_BLOCKS = ("loss", "selector", "graft", "merge", "quant", "noise", "onpolicy", "lora", "realign", "pipeline")
 
 
 def bounds(lo=None, hi=None, *, lo_open=False, choices=None) -> dict:
@@ -139,6 +139,7 @@ class RunConfig:
     thinking: Optional[ModelSpec] = None
     tuned_base: Optional[ModelSpec] = None
     reference: Optional[ModelSpec] = None
+    aligned: Optional[ModelSpec] = None
     models: List[ModelSpec] = field(default_factory=list)
     # stages
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,6 +154,7 @@ class RunConfig:
     noise: Dict[str, Any] = field(default_factory=dict)
     onpolicy: Dict[str, Any] = field(default_factory=dict)
     lora: Dict[str, Any] = field(default_factory=dict)
+    realign: Dict[str, Any] = field(default_factory=dict)
     pipeline: Dict[str, Any] = field(default_factory=dict)  # steps of kind=pipeline (runner/pipeline.py)
 
 
