@@ -11,8 +11,13 @@ The ``merge`` block holds the method's parameters beside the recipe's own keys: 
 ``layers`` / ``modules`` filters (tensors outside them come from ``outside``), ``donor`` (whose
 config, tokenizer and chat template the output takes), ``dtype``, ``max_shard_size``, ``seed``.
 
+With ``merge.acm.enabled`` a task-vector merge (TA, TIES, DARE) takes per-layer coefficients from ACM
+(`recipes.merge.acm`): the NMI between the base's and each fine-tuned model's decoder-layer outputs on
+calibration rows drawn from the ``data`` config.
+
     python -m runner recipe=mi_merge merge.lam=0.6
     python -m runner -m recipe=mi_merge merge.lam=0,0.2,0.4,0.5,0.6,0.8,1     # the MI lambda sweep
+    python -m runner recipe=acm_ties_merge merge.acm.map=raw
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import List, Optional
 
 from omegaconf import DictConfig
 
-from recipes.merge import methods  # noqa: F401  (registers the merge methods)
+from recipes.merge import acm, methods  # noqa: F401  (methods registers the merge methods)
 from recipes.merge.engine import (
     MODULE_KINDS,
     Selection,
@@ -32,14 +37,29 @@ from recipes.merge.engine import (
     merge_models,
     parse_layers,
 )
+from recipes.quantize.calibration import calibration_rows
 from runner import registry
 from runner.cache import cache_dir
 from runner.config import bounds
 from runner.errors import ConfigError
-from runner.models import resolve_model_path
+from runner.models import check_same_vocab, load_model, load_tokenizer, resolve_model_path
 from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
 from runner.tensorio import parse_size
+
+
+@dataclass
+class AcmConfig:
+    """ACM's per-layer coefficients (arXiv 2505.14009; no public code: estimator and map are [R])."""
+
+    enabled: bool = False
+    # lambda_l = lambda (1 - NMI_l) / mean_l(1 - NMI_l), the layers' mean kept at lambda | lambda (1 - NMI_l)
+    map: str = field(default="mean", metadata=bounds(choices=acm.MAPS))
+    bins: int = field(default=64, metadata=bounds(2))  # equal-width histogram bins per axis
+    samples: int = field(default=128, metadata=bounds(1))  # calibration rows from `data` ...
+    seqlen: int = field(default=512, metadata=bounds(8))  # ... of this many tokens, no padding
+    batch_size: int = field(default=8, metadata=bounds(1))
+
 
 @dataclass
 class MergeConfig:
@@ -53,6 +73,14 @@ class MergeConfig:
     dtype: Optional[str] = field(default=None, metadata=bounds(choices=("float32", "bfloat16", "float16")))
     max_shard_size: str = "2GB"
     seed: int = 0
+    acm: AcmConfig = field(default_factory=AcmConfig)  # per-layer task-vector coefficients (TA, TIES, DARE)
+
+
+def acm_methods() -> list[str]:
+    """The merge methods ACM can scale: task vectors from a base, with a global coefficient `lam`."""
+    return [n for n in registry.names("merge_method")
+            if (c := registry.contract("merge_method", n)).inputs is not None and c.inputs.base is not None
+            and c.inputs.roles == ("models",) and "lam" in c.params]
 
 
 @register("recipe", "merge")
@@ -110,7 +138,19 @@ class Merge(Recipe):
         bad = [x for x in (m.modules or []) if x not in MODULE_KINDS]
         if bad:
             problems.append(f"merge.modules: {bad} not allowed; choose from {', '.join(MODULE_KINDS)}")
+        if m.acm.enabled:
+            problems += self._check_acm(cfg, m)
         return problems
+
+    @staticmethod
+    def _check_acm(cfg: DictConfig, m) -> list[str]:
+        from runner.data import check_data_spec
+
+        scalable = acm_methods()
+        if m.method not in scalable:
+            return [f"merge.acm.enabled: ACM sets per-layer coefficients of task vectors; merge.method={m.method} "
+                    f"merges none. Use one of {', '.join(scalable)}"]
+        return check_data_spec(cfg.data)  # the calibration rows come from the data config
 
     def writes_checkpoint(self, cfg: DictConfig) -> bool:
         return True  # the merged model is the whole output, written whatever save_checkpoint says
@@ -136,13 +176,51 @@ class Merge(Recipe):
             svd_cache = SVDCache(cache_dir() / "svd")
         out = ctx.run_dir / "checkpoint"
         if ctx.is_main_process:
+            scales, acm_stats = self._acm(cfg, ctx) if m.acm.enabled else (None, None)
             stats = merge_models(tensors_from, base, registry.get("merge_method", m.method), ctx.blocks.params["merge"], out,
                                  selection=selection, outside=outside, donor=donor, dtype=m.dtype,
-                                 max_shard_size=m.max_shard_size, seed=m.seed, svd_cache=svd_cache, runtime=runtime)
+                                 max_shard_size=m.max_shard_size, seed=m.seed, svd_cache=svd_cache, runtime=runtime,
+                                 task_vector_scales=scales)
+            if acm_stats:
+                stats["acm"] = acm_stats
         else:
             stats = {}
         ctx.accelerator.wait_for_everyone()
         return RecipeResult(checkpoint=out, extra={"merge": {"method": m.method, **stats}})
+
+    @staticmethod
+    def _acm(cfg: DictConfig, ctx: RunContext) -> tuple[dict[int, list[float]], dict]:
+        """ACM's per-layer factors lambda_l / lambda of each model's task vector, and what to record of them."""
+        m, params = ctx.blocks["merge"], ctx.blocks.params["merge"]
+        a = m.acm
+
+        def tokenizer_of(spec):
+            return load_tokenizer(resolve_model_path(spec), trust_remote_code=spec.trust_remote_code,
+                                  revision=spec.revision)
+
+        tokenizer = tokenizer_of(cfg.base)
+        for i, spec in enumerate(cfg.models):  # each pair must see the same tokens
+            check_same_vocab(tokenizer, tokenizer_of(spec), "base", f"models[{i}]")
+        rows = calibration_rows(cfg.data, tokenizer, a.samples, a.seqlen, cfg.seed)
+        ctx.log.info("acm: %d calibration rows of %d tokens from data.source=%s", len(rows), rows.shape[1],
+                     cfg.data.source)
+        base_model, _ = ctx.load_model("base")
+        base_model.eval()
+        nmi = []
+        for spec in cfg.models:  # one fine-tuned model in memory at a time, beside the base
+            tuned, _ = load_model(spec, device=ctx.accelerator.device)
+            nmi.append(acm.layer_nmi(base_model, tuned.eval(), rows, a.batch_size, a.bins))
+            del tuned
+        del base_model
+        factors = [acm.ratios(n, a.map) for n in nmi]
+        lam = params.get("lam", registry.contract("merge_method", m.method).params["lam"].default)
+        names = [f"models[{i}]" for i in range(len(nmi))]
+        record = {"map": a.map, "bins": a.bins, "rows": len(rows), "seqlen": int(rows.shape[1]),
+                  "nmi": dict(zip(names, nmi)), "lam": {n: [lam * f for f in fs] for n, fs in zip(names, factors)}}
+        for name, n, fs in zip(names, nmi, factors):
+            ctx.log.info("acm %s: NMI per layer %s -> lambda_l %s", name, [round(v, 4) for v in n],
+                         [round(lam * f, 4) for f in fs])
+        return {layer: [fs[layer] for fs in factors] for layer in range(len(nmi[0]))}, record
 
     @staticmethod
     def _paths(cfg: DictConfig) -> dict:

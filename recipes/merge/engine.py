@@ -168,12 +168,15 @@ def merge_models(
     seed: int,
     svd_cache: SVDCache | None = None,
     runtime: tuple[str, ...] = (),
+    task_vector_scales: dict[int, list[float]] | None = None,
 ) -> dict:
     """Merge `inputs` (and `base`) into an HF folder at `out_dir`; returns counts of what was done.
 
     `runtime` names the arguments `method` takes from the engine (its contract's runtime arguments):
     ``generator`` (seeded per tensor from `seed` and the tensor's name), ``key`` (the tensor's name),
-    ``svd_cache``.
+    ``svd_cache``. `task_vector_scales` ({decoder layer: one factor per input}, ACM's coefficients)
+    scales each input's task vector of that layer, x <- base + s (x - base), before the method merges;
+    tensors of other layers and outside the layers are left as they are.
     """
     sources = {str(p): TensorSource(p) for p in inputs}
     if base is not None:
@@ -191,6 +194,10 @@ def merge_models(
         for key in order:
             if selection(key):
                 tensors = [sources[str(p)].get(key).float() for p in inputs]
+                base_tensor = sources[str(base)].get(key).float() if base is not None else None
+                scales = (task_vector_scales or {}).get(classify(key)[0])
+                if scales is not None:  # lerp is exact at 0 and 1: a factor of 1 leaves the input as it is
+                    tensors = [torch.lerp(base_tensor, x, s) for x, s in zip(tensors, scales, strict=True)]
                 supplied = {}
                 if "generator" in runtime:
                     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
@@ -199,7 +206,6 @@ def merge_models(
                     supplied["key"] = key
                 if "svd_cache" in runtime:
                     supplied["svd_cache"] = svd_cache
-                base_tensor = sources[str(base)].get(key).float() if base is not None else None
                 out = method(tensors, base_tensor, **params, **supplied)
                 merged += 1
             else:
