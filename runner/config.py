@@ -112,6 +112,7 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata=bounds(1))
     num_fewshot: Optional[int] = field(default=None, metadata=bounds(0))
     baseline: bool = False  # also evaluate the recipe's input model
+    cache: bool = True  # reuse this machine's earlier baseline of the same model and eval config (runner/eval_cache.py)
     chat_template: Optional[bool] = None  # null: use the tokenizer's chat template if it has one
     enable_thinking: Optional[bool] = None  # passed to the chat template when set
     max_gen_toks: Optional[int] = field(default=None, metadata=bounds(1))

@@ -55,7 +55,7 @@ def shipped_task_names() -> list[str]:
     return sorted(set().union(*(_task_names_in(d) for d in _task_dirs())))
 
 
-def _include_paths(ev: Any) -> list[str]:
+def include_paths(ev: Any) -> list[str]:
     return [str(d) for d in _task_dirs()] + [str(Path(p).expanduser().resolve()) for p in ev.include_path]
 
 
@@ -84,7 +84,7 @@ _BUILTIN = {}
 def _builtin_task_manager(ev: Any):
     from lm_eval.tasks import TaskManager
 
-    key = tuple(_include_paths(ev))
+    key = tuple(include_paths(ev))
     if key not in _BUILTIN:
         log.info("indexing lm-eval's built-in tasks (about 10 s)")
         _BUILTIN[key] = TaskManager(include_path=list(key), include_defaults=True)
@@ -98,7 +98,7 @@ def _task_manager(ev: Any):
     for p in ev.include_path:
         local |= _task_names_in(Path(p).expanduser())
     if all(t in local for t in ev.tasks):
-        return TaskManager(include_path=_include_paths(ev), include_defaults=False)
+        return TaskManager(include_path=include_paths(ev), include_defaults=False)
     return _builtin_task_manager(ev)
 
 
@@ -183,7 +183,7 @@ def lm_eval_command(ev: Any, folder: str | Path, *, chat: bool, dtype: str, devi
             "--tasks", ",".join(ev.tasks), "--batch_size", str(ev.batch_size), "--device", device,
             "--seed", ",".join([str(ev.seed)] * 4)]
     notes = []
-    folders = [d for d in _include_paths(ev) if set(ev.tasks) & _task_names_in(Path(d))]
+    folders = [d for d in include_paths(ev) if set(ev.tasks) & _task_names_in(Path(d))]
     if len(folders) == 1:
         args += ["--include_path", folders[0]]
     elif folders:

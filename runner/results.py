@@ -63,6 +63,7 @@ def new_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "baseline_metrics": {},
         "eval_command": None,  # the lm_eval CLI command that scores the checkpoint as the eval stage did
         "baseline_eval_command": None,  # the same for the input model
+        "baseline_cached": None,  # whether the baseline came from this machine's eval cache (eval.cache)
         "train": None,
         "timings": {},
         "seed": cfg.get("seed"),

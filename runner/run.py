@@ -127,7 +127,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         baseline_role = recipe.baseline_for(cfg)
         if cfg.eval.tasks and cfg.eval.baseline and baseline_role and main_process:
             t = time.perf_counter()
-            record["baseline_metrics"], record["baseline_eval_command"] = _evaluate_role(ctx, baseline_role)
+            record["baseline_metrics"], record["baseline_eval_command"], record["baseline_cached"] = \
+                _evaluate_role(ctx, baseline_role)
             timings["baseline_eval_s"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()
@@ -168,17 +169,27 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             results.write(run_dir, record)
 
 
-def _evaluate_role(ctx: RunContext, role: str) -> tuple[dict[str, float], dict | None]:
-    """(metrics, the lm_eval command) of the input model `role`."""
+def _evaluate_role(ctx: RunContext, role: str) -> tuple[dict[str, float], dict | None, bool]:
+    """(metrics, the lm_eval command, whether it came from the cache) of the input model `role`."""
+    from runner import eval_cache
     from runner.evaluate import evaluate
     from runner.models import resolve_model_path
 
-    spec = ctx.cfg[role]
+    spec, out_dir = ctx.cfg[role], ctx.run_dir / "eval" / "baseline"
+    folder = resolve_model_path(spec)
+    key = eval_cache.cache_key(folder, spec, ctx.cfg.eval, str(ctx.accelerator.device)) if ctx.cfg.eval.cache else None
+    if key is not None:
+        hit = eval_cache.load(key, out_dir)
+        if hit is not None:
+            log.info("baseline of %s from the eval cache (%s; eval.cache=false evaluates again)", role, key)
+            return (*hit, True)
     model, tokenizer = ctx.load_model(role)
-    result = evaluate(model, tokenizer, ctx.cfg.eval, ctx.run_dir / "eval" / "baseline", label=f"{role} (baseline)",
-                      folder=resolve_model_path(spec), trust_remote_code=spec.trust_remote_code)
+    result = evaluate(model, tokenizer, ctx.cfg.eval, out_dir, label=f"{role} (baseline)",
+                      folder=folder, trust_remote_code=spec.trust_remote_code)
     del model
-    return result.metrics, result.command
+    if key is not None:
+        eval_cache.store(key, result.metrics, result.command, out_dir)
+    return result.metrics, result.command, False
 
 
 def _evaluate_output(ctx: RunContext, out: RecipeResult) -> tuple[dict[str, float], dict | None]:
