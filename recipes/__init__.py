@@ -9,6 +9,7 @@ import runner.toy  # noqa: F401  (the toy world's sources and tasks)
 from recipes import (  # noqa: F401
     distill,
     merge,
+    mtp_d,
     noise_eval,
     quantize,
     realign,
