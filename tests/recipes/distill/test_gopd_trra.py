@@ -23,13 +23,6 @@ from runner.run import run, validate
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_llama, tiny_qwen3):
-    student, tok = load_model({"path": str(tiny_qwen3), "dtype": "float32"})
-    teacher, _ = load_model({"path": str(tiny_llama), "dtype": "float32"})
-    return student, teacher, tok
-
-
-@pytest.fixture(scope="module")
 def batch(toy_tokenizer):
     examples = build_dataset(DataConfig(source="toy", format="thinking", num_examples=4, max_length=40, seed=0),
                              toy_tokenizer)
