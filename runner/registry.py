@@ -33,6 +33,7 @@ token_selector     ``select(token_logprobs, mask, **params) -> keep_mask``
 merge_method       ``merge(tensors, base, **params) -> Tensor`` (fp32 in and out)
 quantizer          ``quantize(weight, bits, group_size, **params) -> Tensor``
 bit_allocator      ``allocate(layers, avg_bits, choices, **params) -> {layer: bits}``
+quant_transform    dataclass (fields: params) with ``__call__(step) -> next layer's inputs``, ``problems(model)``
 noise_model        ``perturb(weight, generator, **params) -> Tensor``
 model_source       object with ``names()``, ``resolve(name) -> folder``, ``label``
 data_source        object with ``check(data, key) -> problems``, ``load(data) -> records``
@@ -64,6 +65,7 @@ KINDS = (
     "merge_method",
     "quantizer",
     "bit_allocator",
+    "quant_transform",
     "noise_model",
     "model_source",
     "data_source",
@@ -75,7 +77,7 @@ BUILTINS = ("runner.loggers", "recipes", "runner.packaged_models")  # importing 
 
 # How many leading arguments each kind's call shape supplies (they are not config parameters).
 CALL_ARGS = {"kd_loss": 4, "token_selector": 2, "merge_method": 2, "quantizer": 3, "bit_allocator": 3,
-             "noise_model": 2}
+             "quant_transform": 0, "noise_model": 2}
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _CONTRACTS: dict[str, dict[str, "Contract"]] = {kind: {} for kind in KINDS}

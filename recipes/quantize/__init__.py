@@ -5,7 +5,9 @@ time, by its dequantized weight: computed in fp32 from the ``quant.method`` quan
 to the model dtype. Embeddings, norms and lm_head stay in full precision (so a tied lm_head is
 never touched). With ``quant.allocator`` (lieq, nsds, uniform) each decoder layer gets its own
 bits from ``quant.bit_choices`` under the parameter-weighted budget ``quant.avg_bits``. GPTQ runs
-layer by layer on calibration rows drawn from the ``data`` config.
+layer by layer on calibration rows drawn from the ``data`` config. With ``quant.transform`` (awq,
+d2quant) a calibration-driven transform rewrites each decoder layer around the quantizer
+(`recipes.quantize.transforms`).
 
 Writes the fake-quant model as a normal HF checkpoint with ``quant_meta.json`` (per module:
 method, bits, group size, sym, code bits, effective bits; per layer: bits and allocator score),
@@ -14,10 +16,12 @@ and with ``quant.export=compressed_tensors`` a real packed checkpoint in ``packe
     python -m runner recipe=rtn_quantize
     python -m runner recipe=lieq_quantize quant.avg_bits=2.5
     python -m runner -m recipe=gptq_quantize quant.bits=2,3,4,8
+    python -m runner recipe=awq_quantize
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -28,8 +32,9 @@ import torch
 from omegaconf import DictConfig
 
 # importing these modules registers the quantizers and the bit allocators
-from recipes.quantize import allocators, quantizers  # noqa: F401
-from recipes.quantize.calibration import calibration_rows, quantize_sequentially
+from recipes.quantize import allocators, awq, d2quant, quantizers  # noqa: F401
+from recipes.quantize.calibration import SELECTIONS, calibration_rows, quantize_sequentially
+from recipes.quantize.transforms import LayerStep, transform_layers
 from runner import registry
 from runner.config import bounds
 from runner.errors import ConfigError
@@ -55,7 +60,13 @@ class QuantConfig:
     calib_samples: int = field(default=128, metadata=bounds(1))  # GPTQ calibration rows ...
     calib_seqlen: int = field(default=512, metadata=bounds(8))  # ... of this many tokens, from `data`
     calib_batch_size: int = field(default=16, metadata=bounds(1))
+    # how the rows are chosen: random, or cola (one row per k-means cluster of activations, from a pool of
+    # calib_pool x calib_samples random rows; calibration.py)
+    calib_select: str = field(default="random", metadata=bounds(choices=SELECTIONS))
+    calib_pool: int = field(default=8, metadata=bounds(1))
     export: str = field(default="none", metadata=bounds(choices=("none", "compressed_tensors")))
+    transform: Optional[str] = None  # calibration-driven model transform around the quantizer: awq | d2quant
+    transform_params: Dict[str, Any] = field(default_factory=dict)  # e.g. {iters: 10} for d2quant
 
 
 def _bad_regex(patterns: list[str], key: str) -> list[str]:
@@ -90,7 +101,9 @@ def group_size_for(group_size: int, in_features: int) -> int:
 class Quantize(Recipe):
     roles = ("model",)
     blocks = {"quant": QuantConfig}
-    components = {"quant": (Component("quantizer", "method"), Component("bit_allocator", "allocator", "allocator_params"))}
+    components = {"quant": (Component("quantizer", "method"),
+                            Component("bit_allocator", "allocator", "allocator_params"),
+                            Component("quant_transform", "transform", "transform_params"))}
     data_role = "model"  # GPTQ calibration rows
     baseline_role = "model"
 
@@ -104,6 +117,9 @@ class Quantize(Recipe):
         if q.sym and "sym" not in quantizer.runtime:
             problems.append(f"quant.sym: quantizer {q.method!r} has no symmetric grid; set quant.sym=false")
         problems += _bad_regex(list(q.targets), "quant.targets") + _bad_regex(list(q.ignore), "quant.ignore")
+        if q.calib_select != "random" and q.transform is None and "hessian" not in quantizer.runtime:
+            problems.append(f"quant.calib_select: {q.calib_select!r} chooses calibration rows, but {q.method!r} "
+                            "uses none; choose quant.method=gptq or a quant.transform, or leave calib_select=random")
         if q.allocator is not None:
             problems += self._check_allocator(q, storage)
         elif q.avg_bits is not None:
@@ -119,6 +135,10 @@ class Quantize(Recipe):
             elif not available():
                 problems.append("quant.export: compressed_tensors needs the compressed-tensors package; "
                                 "pip install -e '.[quant]'")
+            transform = registry.get("quant_transform", q.transform) if q.transform is not None else None
+            if transform is not None and not getattr(transform, "exportable", False):
+                problems.append(f"quant.export: transform {q.transform!r} changes more than the integer grids "
+                                "(scales, biases); use quant.export=none")
         return problems
 
     @staticmethod
@@ -151,9 +171,8 @@ class Quantize(Recipe):
         layer_bits, scores = self._allocate(q, targets, ctx)
         meta, grids = {}, {}
 
-        def quantize_module(name: str, module: torch.nn.Linear, layer: int, hessian=None) -> None:
-            bits = layer_bits.get(layer, q.bits)
-            g = group_size_for(q.group_size, module.in_features)
+        def quantize_weight(module: torch.nn.Linear, layer: int, weight: torch.Tensor, hessian=None):
+            """(dequantized weight, its grid or None) of `weight` at the module's bits and group size."""
             kwargs = dict(params)
             if "sym" in quantizer.runtime:
                 kwargs["sym"] = q.sym
@@ -162,21 +181,50 @@ class Quantize(Recipe):
             grid = {} if q.export != "none" else None
             if grid is not None:
                 kwargs["grid"] = grid
-            original = module.weight.detach().float().cpu().clone()  # the copy_ below would overwrite a view
-            w = quantize(original, bits, g, **kwargs)
+            g = group_size_for(q.group_size, module.in_features)
+            w = quantize(weight, layer_bits.get(layer, q.bits), g, **kwargs)
+            return w, grid
+
+        def record(name: str, module: torch.nn.Linear, layer: int, w, reference, grid, rows=None, cols=None) -> None:
+            """Write the quantized weight; its error is against `reference` (the original weight, or after a
+            transform's exact rescaling, which diag(rows) . diag(cols) undoes to measure in the original basis)."""
+            bits, g = layer_bits.get(layer, q.bits), group_size_for(q.group_size, module.in_features)
             module.weight.data.copy_(w.to(module.weight.dtype))
+            error = w - reference
+            if rows is not None:
+                error, reference = error * rows.unsqueeze(1), reference * rows.unsqueeze(1)
+            if cols is not None:
+                error, reference = error * cols, reference * cols
             if grid is not None:  # the export needs the scales and zeros only; it re-derives the codes
                 grids[name] = {"scale": grid["scale"], "zero": grid["zero"]}
             meta[name] = {"layer": layer, "method": q.method,
                           "bits": None if storage.code_bits is not None else bits, "group_size": g, "sym": q.sym,
                           "params": module.weight.numel(),
-                          "error_sq": float((w - original).pow(2).sum()), "norm_sq": float(original.pow(2).sum()),
+                          "error_sq": float(error.pow(2).sum()), "norm_sq": float(reference.pow(2).sum()),
                           **storage.accounting(bits, g, module.in_features, q.sym)}
 
-        if "hessian" in quantizer.runtime:  # it quantizes against the inputs each layer sees
-            rows = calibration_rows(cfg.data, tokenizer, q.calib_samples, q.calib_seqlen, cfg.seed)
-            ctx.log.info("gptq: %d calibration rows of %d tokens from data.source=%s", len(rows), rows.shape[1],
-                         cfg.data.source)
+        def quantize_module(name: str, module: torch.nn.Linear, layer: int, hessian=None) -> None:
+            original = module.weight.detach().float().cpu().clone()  # the copy_ below would overwrite a view
+            w, grid = quantize_weight(module, layer, original, hessian)
+            record(name, module, layer, w, original, grid)
+
+        transform = None
+        if q.transform is not None:  # its needs of the model are checked before any work
+            transform = registry.get("quant_transform", q.transform)(**dict(q.transform_params))
+            problems = transform.problems(model) if hasattr(transform, "problems") else []
+            if problems:
+                raise ConfigError(problems)
+        if transform is not None or "hessian" in quantizer.runtime:  # it works on the inputs each layer sees
+            rows = calibration_rows(cfg.data, tokenizer, q.calib_samples, q.calib_seqlen, cfg.seed,
+                                    select=q.calib_select, pool=q.calib_pool, model=model,
+                                    batch_size=q.calib_batch_size)
+            ctx.log.info("%s: %d calibration rows of %d tokens from data.source=%s (%s)", q.transform or q.method,
+                         len(rows), rows.shape[1], cfg.data.source, q.calib_select)
+        transform_stats = {}
+        if transform is not None:
+            transform_stats = self._transform(model, transform, rows, q, targets, "hessian" in quantizer.runtime,
+                                              lambda i: layer_bits.get(i, q.bits), quantize_weight, record)
+        elif "hessian" in quantizer.runtime:
             by_layer: dict[int, list] = {}
             for name, module, layer in targets:
                 by_layer.setdefault(layer, []).append((name, module))
@@ -192,6 +240,9 @@ class Quantize(Recipe):
                 quantize_module(name, module, layer)
 
         summary = summarize(meta, layer_bits, scores)
+        if transform is not None:
+            settings = dataclasses.asdict(transform) if dataclasses.is_dataclass(transform) else dict(q.transform_params)
+            summary["transform"] = {"name": q.transform, "params": settings, "layers": transform_stats}
         per_channel = [n for n, m in meta.items() if m["group_size"] == -1]
         if q.group_size != -1 and per_channel:
             ctx.log.warning("quant.group_size=%d does not divide the input width of %d modules; they use one group "
@@ -211,6 +262,32 @@ class Quantize(Recipe):
             result.extra["quant"]["packed"] = str(path)
             ctx.log.info("packed compressed-tensors checkpoint in %s", path)
         return result
+
+    @staticmethod
+    def _transform(model, transform, rows, q, targets, needs_hessian, bits_of, quantize_weight,
+                   record) -> dict[str, dict]:
+        """Each decoder layer through the transform on its calibration inputs; the targets it leaves
+        are quantized after it. Returns what it reported per layer."""
+        by_layer: dict[int, dict] = {}
+        for name, module, layer in targets:
+            by_layer.setdefault(layer, {})[re.sub(r"^.*?layers\.\d+\.", "", name)] = (name, module)
+        stats = {}
+
+        def visit(i: int, layer, inputs):
+            mods = by_layer.get(i, {})
+            step = LayerStep(
+                index=i, layer=layer, inputs=inputs, targets={n: m for n, (_, m) in mods.items()}, config=model.config,
+                needs_hessian=needs_hessian,
+                grid_of=lambda n: (bits_of(i), group_size_for(q.group_size, mods[n][1].in_features), q.sym),
+                quantize_weight=lambda n, w, h: quantize_weight(mods[n][1], i, w, h),
+                record=lambda n, *args: record(mods[n][0], mods[n][1], i, *args))
+            next_inputs = transform(step)
+            step.quantize()
+            stats[str(i)] = step.stats
+            return next_inputs
+
+        transform_layers(model, rows, q.calib_batch_size, visit)
+        return stats
 
     @staticmethod
     def _allocate(q, targets, ctx) -> tuple[dict[int, int], dict[int, float]]:

@@ -138,6 +138,40 @@ def test_a_bit_allocator_plugin(plugin, compose, tiny_llama, tmp_path):
     assert {i: layer["bits"] for i, layer in record["quant"]["layers"].items()} == {"0": 4, "1": 2}
 
 
+def test_a_quant_transform_plugin(plugin, compose, tiny_llama, tmp_path):
+    load = plugin("my_transform", """
+        from dataclasses import dataclass
+
+        import torch
+        from runner.registry import register
+
+        @register("quant_transform", "halve_down", ranges={"factor": (0, None, "open")})
+        @dataclass
+        class HalveDown:
+            factor: float = 2.0
+            exportable = False
+
+            def problems(self, model):
+                return []
+
+            @torch.no_grad()
+            def __call__(self, step):
+                up, down = step.layer.mlp.up_proj, step.layer.mlp.down_proj
+                up.weight.mul_(self.factor)  # h = act(gate) * up is linear in up: the layer is unchanged
+                down.weight.div_(self.factor)
+                step.stats["rows"] = sum(args[0].shape[0] if args else kw["hidden_states"].shape[0]
+                                         for args, kw in step.inputs)
+                return step.outputs()  # the recipe quantizes every target afterwards
+        """)
+    record = run(compose(["recipe=quantize", load, "quant.transform=halve_down", "+quant.transform_params.factor=4",
+                          f"model.path={tiny_llama}", "quant.calib_samples=4", "quant.calib_seqlen=16",
+                          "data.num_examples=32", "eval=none"]), tmp_path / "run")
+    quant = record["quant"]
+    assert quant["transform"]["name"] == "halve_down" and quant["transform"]["params"] == {"factor": 4.0}
+    assert [layer["rows"] for layer in quant["transform"]["layers"].values()] == [4, 4]
+    assert len(quant["modules"]) == 14  # every decoder linear still quantized
+
+
 def test_a_noise_model_plugin(plugin, compose, tiny_llama, tmp_path):
     load = plugin("my_noise", """
         import torch

@@ -69,8 +69,8 @@ def test_unknown_kind_is_refused():
 
 def test_all_design_kinds_exist():
     assert set(registry.KINDS) == {"recipe", "kd_loss", "token_selector", "merge_method", "quantizer",
-                                   "bit_allocator", "noise_model", "model_source", "data_source", "task_dir",
-                                   "checkpoint_metric", "logger"}
+                                   "bit_allocator", "quant_transform", "noise_model", "model_source", "data_source",
+                                   "task_dir", "checkpoint_metric", "logger"}
 
 
 def test_the_contract_binds_config_keys_to_the_signature(clean_kind):
