@@ -191,11 +191,14 @@ _tokenizers: dict[str, object] = {}
 
 
 def _run_tokenizer(run_dir: Path):
-    """The tokenizer of the model a run evaluated: its checkpoint's, else its model role's."""
+    """The tokenizer of the model a run evaluated: its checkpoint's, else its first model role's (a run
+    without a checkpoint, e.g. decoding-time realignment, evaluates models that share one tokenizer)."""
+    from runner.config import ROLES
     from runner.models import load_tokenizer, resolve_model_path
 
     record = json.loads((run_dir / "results.json").read_text())
-    path = record.get("checkpoint") or resolve_model_path(record["config"]["model"])
+    config = record["config"]
+    path = record.get("checkpoint") or resolve_model_path(next(config[r] for r in ROLES if config.get(r)))
     if path not in _tokenizers:
         _tokenizers[path] = load_tokenizer(path)
     return _tokenizers[path]

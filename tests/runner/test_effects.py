@@ -157,3 +157,15 @@ def test_claims_are_read_from_todays_file_only_while_its_arms_are_what_ran(tmp_p
     spec["arms"]["b"] = ["recipe=sft", "train.lr=1e-4"]  # the runs no longer match today's arms
     (tmp_path / "conf" / "demo.yaml").write_text(yaml.safe_dump(spec))
     assert effects._claims_for(ran).claims[0].why is None
+
+
+def test_response_tokens_of_a_run_without_checkpoint_or_model_role_use_its_first_model_role(tmp_path, tiny_llama):
+    # decoding-time realignment evaluates `aligned` and `reference` in memory: no checkpoint, no `model`
+    run = tmp_path / "run"
+    (run / "eval" / "final").mkdir(parents=True)
+    config = {"model": None, "aligned": {"path": str(tiny_llama)}, "reference": {"path": str(tiny_llama)}}
+    (run / "results.json").write_text(json.dumps({"checkpoint": None, "config": config}))
+    samples = run / "eval" / "final" / "samples_toy_arith.jsonl"
+    samples.write_text(json.dumps({"doc_id": 0, "resps": [["1+2=3"]], "filtered_resps": ["1+2=3"]}) + "\n")
+    tokens = effects._run_tokenizer(run)("1+2=3", add_special_tokens=False).input_ids
+    assert effects._item_scores(samples, "response_tokens", run) == {"toy_arith:0": float(len(tokens))}
