@@ -90,7 +90,7 @@ def test_a_sweep_leaves_out_the_roles_a_recipe_does_not_take(compose):
     ("data.variation=2", "data.variation: 2.0 is out of range; it must be >= 0 and <= 1"),
     ("eval.limit=0", "eval.limit: 0 is out of range; it must be >= 1"),
     ("data.format=chat", "data.format: 'chat' is not allowed. Choose one of plain, instruct, thinking"),
-    ("kind=sftt", "kind: unknown recipe 'sftt'. Did you mean 'sft'? Valid names: distill, "),
+    ("kind=sftt", "kind: unknown recipe 'sftt'. Did you mean 'sft'? Valid names: dera, distill, "),
     ("+typo=3", "typo: unknown top-level key."),
     ("+loss.mu=0.5", "loss: set, but recipe kind 'sft' does not read a 'loss' block"),
     ("model@teacher=toy-teacher", "teacher: set, but recipe kind 'sft' does not use it (it uses: model); remove it"),
