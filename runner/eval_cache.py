@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,37 +26,26 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from runner import atomic
-from runner.cache import cache_dir
-
-log = logging.getLogger(__name__)
+from runner.cache import cache_dir, file_sha256
 
 ENTRY = "entry.json"
 RUNNER_DIR = Path(__file__).resolve().parent
-CHUNK = 1 << 20
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _memo_path() -> Path:
     return cache_dir() / "eval" / "file_hashes.json"
 
 
-def folder_fingerprint(folder: Path, memo: dict[str, str] | None = None) -> str:
-    """sha256 over the relative path and content hash of every file under `folder`."""
+def folder_fingerprint(folder: Path, memo: dict[str, str] | None = None, pattern: str = "*") -> str:
+    """sha256 over the relative path and content hash of every file under `folder` matching `pattern`."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob(pattern) if p.is_file()):
         stat = path.stat()
         stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if memo is not None and stamp in memo:
             content = memo[stamp]
         else:
-            content = _sha256_file(path)
+            content = file_sha256(path)
             if memo is not None:
                 memo[stamp] = content
         digest.update(f"{path.relative_to(folder).as_posix()}\0{content}\n".encode())
@@ -96,19 +84,11 @@ def cache_key(folder: str | Path, spec: Any, ev: Any, device: str) -> str | None
         "device": device.split(":")[0],
         "eval": eval_cfg,
         "tasks": {p: folder_fingerprint(Path(p)) for p in include_paths(ev)},
-        "runner": sources_fingerprint(RUNNER_DIR),
+        "runner": folder_fingerprint(RUNNER_DIR, pattern="*.py"),  # the scoring and the toy problems live there
         "versions": {"lm_eval": getattr(lm_eval, "__version__", "?"), "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def sources_fingerprint(root: Path) -> str:
-    """sha256 over the runner's Python sources (the scoring and the toy world's problems live there)."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(f"{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def _entry_dir(key: str) -> Path:

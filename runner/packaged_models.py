@@ -17,13 +17,12 @@ The packages come with the ``real`` extra (``make setup`` installs it): ``gguf``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from runner.cache import cache_dir
+from runner.cache import cache_dir, file_sha256
 from runner.errors import ConfigError
 from runner.registry import register
 
@@ -54,14 +53,6 @@ def gguf_path(name: str) -> Path | None:
     except PackageNotFoundError:
         return None
     return path if path.is_file() else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def evenly_spaced(n_layers: int, keep: int) -> list[int]:
@@ -141,7 +132,7 @@ class PackagedSource:
         if problems:
             raise ConfigError(problems)
         entry, gguf = MODELS[name], gguf_path(name)
-        out = cache_dir() / "packaged" / f"{name}-{_sha256(gguf)[:16]}"
+        out = cache_dir() / "packaged" / f"{name}-{file_sha256(gguf)[:16]}"
         if not (out / "config.json").is_file():
             log.info("converting %s (%s) once into %s", name, entry.about, out)
             if entry.layers is None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from runner.cache import cache_dir
+from runner.cache import cache_dir, file_sha256
 from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,6 @@ def entry_dir(name: str) -> Path:
 # The shipped entries
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_manifest() -> dict:
     path = SHIPPED_DIR / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {"entries": {}}
@@ -242,7 +238,7 @@ _warned: set[str] = set()
 def _verified(name: str, fingerprint_: str) -> Path:
     folder = SHIPPED_DIR / name
     files = read_manifest()["entries"][name]["files"]
-    bad = [f for f, digest in files.items() if not (folder / f).is_file() or sha256(folder / f) != digest]
+    bad = [f for f, digest in files.items() if not (folder / f).is_file() or file_sha256(folder / f) != digest]
     if bad:
         raise RunnerError(f"the shipped toy zoo entry {name} is damaged: {', '.join(bad)} missing or not as shipped "
                           f"(sha256 in {SHIPPED_DIR / MANIFEST}); restore it from git (`git checkout -- {folder}`)")
@@ -270,7 +266,7 @@ def ship(names_: list[str]) -> None:
             "parameters": meta["parameters"],
             "build_s": meta["build_s"],
             "built_on": meta["built_on"],
-            "files": {f.name: sha256(f) for f in sorted(dest.iterdir()) if f.is_file()},
+            "files": {f.name: file_sha256(f) for f in sorted(dest.iterdir()) if f.is_file()},
         }
         log.info("shipped %s -> %s", name, dest)
     manifest["entries"] = dict(sorted(manifest["entries"].items(), key=lambda kv: names().index(kv[0])))
