@@ -36,6 +36,7 @@ import torch
 from runner import atomic
 from runner.data import collate, shift_labels
 from runner.errors import ConfigError, TrainingDiverged
+from runner.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def train(
     accum = cfg.grad_accum
     recent: list[float] = [h["loss"] for h in history[-10:]]
     t0, tokens_at_t0 = time.perf_counter(), tokens_done
-    progress = _progress(accelerator.is_main_process)
+    progress = progress_bar(accelerator.is_main_process)
     task = progress.add_task(desc, total=steps, completed=start_step, info="")
     with progress, _closing(loggers):
         for step in range(start_step, steps):
@@ -401,27 +402,3 @@ def _fmt(logs: dict[str, float]) -> str:
         else:
             parts.append(f"{k} {v:.4f}")
     return " | ".join(parts)
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
