@@ -76,7 +76,7 @@ def check(overrides: list[str]) -> tuple[str, list[str]]:
         cfg = compose_job(overrides)
     except Exception as exc:  # Hydra's and OmegaConf's composition errors
         raise ConfigError(composition_error(exc)) from None
-    quiet_libraries()
+    quiet_libraries(verbose=bool(cfg.get("verbose", False)))
     if cfg.get("kind") == "pipeline":
         from runner.pipeline import validate_pipeline
 

@@ -48,7 +48,7 @@ def main_job(cfg: DictConfig) -> dict[str, Any] | None:
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    quiet_libraries()
+    quiet_libraries(verbose=bool(cfg.get("verbose", False)))
     try:
         if multirun:
             left_out = leave_out_unused_roles(cfg)
@@ -84,22 +84,36 @@ def leave_out_unused_roles(cfg: DictConfig) -> list[str]:
     return left_out
 
 
-def _not_custom_kwargs_note(record: logging.LogRecord) -> bool:
-    # lm-eval warns on every task with a custom dataset loader, which every toy task has
-    return "Custom kwargs" not in record.getMessage()
+LM_EVAL = ("lm_eval", "lm-eval")  # its logger's name, now and in releases before 0.4.3
+LIBRARIES = ("datasets", "accelerate", "huggingface_hub")  # other loggers that reach the run's handlers
 
 
-def quiet_libraries() -> None:
-    """Keep the console to the runner's own lines: library progress bars and INFO chatter off."""
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep the console and runner.log to the runner's own lines (``verbose=false``, the default).
+
+    Library progress bars are always off (the runner shows its own, `runner.progress`). lm-eval's
+    log lines below ERROR are dropped: it warns on every evaluation that the model came as an object
+    and that custom task loaders take kwargs. datasets, accelerate and huggingface_hub keep their
+    warnings, and transformers its warnings on stderr through its own handler. With `verbose` every
+    one of them logs at INFO into the run's handlers (the console and runner.log), transformers too.
+    Called once per job; a later job of the same process (a sweep) sets it afresh.
+    """
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning()
-    for name in ("lm_eval", "lm-eval", "datasets", "accelerate", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    task_log = logging.getLogger("lm_eval.api.task")
-    if _not_custom_kwargs_note not in task_log.filters:
-        task_log.addFilter(_not_custom_kwargs_note)
+    tf_logging = transformers.utils.logging
+    tf_logging.disable_progress_bar()
+    if verbose:
+        tf_logging.set_verbosity_info()
+        tf_logging.disable_default_handler()
+        tf_logging.enable_propagation()
+    else:
+        tf_logging.set_verbosity_warning()
+        tf_logging.enable_default_handler()
+        tf_logging.disable_propagation()
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in LM_EVAL:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:

@@ -131,6 +131,7 @@ class RunConfig:
     output_root: str = "outputs"
     plugins: List[str] = field(default_factory=list)  # extra modules to import (they register components)
     save_checkpoint: bool = True
+    verbose: bool = False  # libraries' log lines (lm-eval, transformers, ...) on the console and in runner.log
     # model roles
     model: Optional[ModelSpec] = None
     teacher: Optional[ModelSpec] = None

@@ -13,12 +13,14 @@ as ``<metric>@<filter>``). For generation tasks the stage also reports, from the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +205,67 @@ def lm_eval_command(ev: Any, folder: str | Path, *, chat: bool, dtype: str, devi
     return {"command": shlex.join(args), "exact": not notes, "note": "; ".join(notes) or None}
 
 
+REQUEST_KINDS = ("generate_until", "loglikelihood", "loglikelihood_rolling")  # what lm-eval asks a model
+
+
+class _Answered:
+    """lm-eval's cache hook, which sees every request a model answers: also advances the bar by one
+    per answer of the request kind being served (loglikelihood_rolling answers its windows under no
+    cache key, so a rolling request counts once, when its document is done)."""
+
+    def __init__(self, inner, bar, kind: str):
+        self.inner, self.bar, self.kind = inner, bar, kind
+
+    def add_partial(self, attr, req, res) -> None:
+        if attr == self.kind:
+            self.bar.advance()
+        self.inner.add_partial(attr, req, res)
+
+
+@contextmanager
+def _requests_counted(lm, bar):
+    """One progress line for the whole evaluation instead of lm-eval's tqdm bars.
+
+    Each request method of `lm` (HFLM) runs with its tqdm off, adds its requests to the bar's total
+    (known one request kind at a time) and advances it per answer. The per-document bar of building
+    the requests (``lm_eval.api.task``'s tqdm, which has no switch) is off while the block runs.
+    """
+
+    def counted(kind: str, method):
+        def call(requests, disable_tqdm: bool = False, **kwargs):
+            bar.add_total(len(requests))
+            bar.update(info=kind)
+            hook = lm.cache_hook
+            lm.cache_hook = _Answered(hook, bar, kind)
+            try:
+                return method(requests, disable_tqdm=True, **kwargs)
+            finally:
+                lm.cache_hook = hook
+        return call
+
+    def quiet(method):  # loglikelihood_rolling calls it with disable_tqdm=False, batch by batch
+        def call(requests, disable_tqdm: bool = False, **kwargs):
+            return method(requests, disable_tqdm=True, **kwargs)
+        return call
+
+    for kind in REQUEST_KINDS:
+        setattr(lm, kind, counted(kind, getattr(lm, kind)))
+    if hasattr(lm, "_loglikelihood_tokens"):
+        lm._loglikelihood_tokens = quiet(lm._loglikelihood_tokens)
+    import lm_eval.api.task as task_module
+
+    task_tqdm = getattr(task_module, "tqdm", None)
+    if task_tqdm is not None:
+        task_module.tqdm = functools.partial(task_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if task_tqdm is not None:
+            task_module.tqdm = task_tqdm
+        for kind in (*REQUEST_KINDS, "_loglikelihood_tokens"):
+            lm.__dict__.pop(kind, None)
+
+
 def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "model",
              folder: str | Path | None = None, trust_remote_code: bool = False) -> EvalResult:
     """Run the configured tasks on `model`; write raw results and samples under `out_dir`. With the
@@ -210,6 +273,8 @@ def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "mo
     command."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    from runner.progress import progress
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out_dir = Path(out_dir)
@@ -223,21 +288,22 @@ def evaluate(model, tokenizer, ev: Any, out_dir: str | Path, *, label: str = "mo
     gen_kwargs = {"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None
     task_manager = _task_manager(ev)
     try:
-        res = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=sampled_tasks(ev, task_manager),
-            num_fewshot=ev.num_fewshot,
-            limit=ev.limit,
-            task_manager=task_manager,
-            log_samples=True,
-            apply_chat_template=chat,
-            gen_kwargs=gen_kwargs,
-            bootstrap_iters=ev.bootstrap_iters,
-            random_seed=ev.seed,
-            numpy_random_seed=ev.seed,
-            torch_random_seed=ev.seed,
-            fewshot_random_seed=ev.seed,
-        )
+        with progress(f"evaluate {label}") as bar, _requests_counted(lm, bar):
+            res = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=sampled_tasks(ev, task_manager),
+                num_fewshot=ev.num_fewshot,
+                limit=ev.limit,
+                task_manager=task_manager,
+                log_samples=True,
+                apply_chat_template=chat,
+                gen_kwargs=gen_kwargs,
+                bootstrap_iters=ev.bootstrap_iters,
+                random_seed=ev.seed,
+                numpy_random_seed=ev.seed,
+                torch_random_seed=ev.seed,
+                fewshot_random_seed=ev.seed,
+            )
     finally:
         model.train(was_training)
     if res is None:  # a non-main process of a multi-process evaluation: lm-eval gathers the results on rank 0

@@ -4,14 +4,14 @@
 
 ``pipeline.steps`` is a list of ``{recipe: <named recipe in conf/recipe>, overrides: [...], feed: <role>,
 name: <folder label>}``. A step's config is composed from conf/ as ``python -m runner recipe=<recipe>
-<pipeline.overrides> <overrides>`` would (with the pipeline's seed, plugins and output_root), and the
+<pipeline.overrides> <overrides>`` would (with the pipeline's seed, plugins, output_root and verbose), and the
 previous step's checkpoint goes into its `feed` role (``model``, ``student``, ``base``, ``models[1]``...).
 Every step is composed and validated before the first one starts. Steps run through `runner.run.run`
 in ``<run_dir>/steps/<i>-<name>/``, each with its own results.json; the pipeline's results.json lists
 them under ``steps`` and takes the last step's checkpoint and metrics as its own. A pipeline is job
 orchestration, not a recipe: `runner.cli` runs it with `run_pipeline` (``kind: pipeline``).
 
-A step whose exact config (eval included; output_root and train.resume aside) has already completed
+A step whose exact config (eval included; output_root, verbose and train.resume aside) has already completed
 under the same output_root, in an earlier pipeline or as a plain run, is reused instead of run again
 (``reused: true``); an interrupted step resumes from its last checkpoint like any run.
 ``pipeline.reuse=false`` runs every step afresh.
@@ -163,6 +163,7 @@ def _plan_step(i: int, raw: Any, shared: list[str], cfg: DictConfig) -> tuple[St
         return None, [f"{key}.overrides: {composition_error(exc)}"], None
     with _open(step_cfg):
         step_cfg.output_root = cfg.output_root  # one output root: steps share the pipeline's resume index
+        step_cfg.verbose = cfg.verbose  # the job's logging, as the pipeline set it
     kind_name = step_cfg.get("kind")
     if kind_name == "pipeline":
         return None, nested, None

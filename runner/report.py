@@ -51,7 +51,8 @@ def _natural(path: Path) -> list:
 def _read_overrides(path: Path) -> list[str]:
     import yaml
 
-    return [str(o) for o in (yaml.safe_load(path.read_text()) or []) if not str(o).startswith(("hydra.", "output_root="))]
+    unshown = ("hydra.", "output_root=", "verbose=")  # where and how a run logs, not what it computes
+    return [str(o) for o in (yaml.safe_load(path.read_text()) or []) if not str(o).startswith(unshown)]
 
 
 def select_metrics(runs: list[dict], patterns: str) -> list[str]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from runner import atomic, results
 from runner.config import to_container
 
-NOT_FINGERPRINTED = ("eval", "output_root")  # keys that do not change what a run computes
+NOT_FINGERPRINTED = ("eval", "output_root", "verbose")  # keys that do not change what a run computes
 
 
 def fingerprint(cfg: DictConfig) -> str:
@@ -69,6 +69,7 @@ def _comparable(config: Any) -> Any:
     """A config as JSON would store it, without the keys that do not change a run's outputs."""
     data = json.loads(json.dumps(config, default=str))
     data.pop("output_root", None)
+    data.pop("verbose", None)
     data.get("train", {}).pop("resume", None)
     return data
 

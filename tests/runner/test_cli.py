@@ -74,6 +74,11 @@ def test_sft_on_the_toy_world_end_to_end(tmp_path):
     assert set(results["metrics"]) >= {"toy_arith/exact_match", "toy_arith_hard/exact_match", "toy_arith/response_tokens"}
     assert set(results["baseline_metrics"]) == set(results["metrics"])  # the recipe's toy default evaluates the input too
     assert results["train"]["steps"] == 6 and results["train"]["tokens_per_s"] > 0
+    # the console and runner.log: the runner's lines and one progress line per evaluation, no library chatter
+    log = (run_dir / "runner.log").read_text()
+    assert "evaluated result on toy_arith, toy_arith_hard" in log and "lm_eval" not in log, log
+    assert "evaluate result" in proc.stderr and "16/16" in proc.stderr  # (the baseline's may come from the eval cache)
+    assert "it/s" not in proc.stderr and "%|" not in proc.stderr, proc.stderr  # lm-eval's tqdm bars
     assert results["versions"]["torch"].startswith("2.") and "lm_eval" in results["versions"]
     from runner.lock import LOCK_FILE, lock_status
 
