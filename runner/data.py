@@ -213,13 +213,31 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+TOKENIZE_CHUNK = 2048  # records rendered and encoded together; the progress bar moves once per chunk
+
+
 def tokenize_records(records: list[dict], tokenizer, *, chat: bool) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per record. Loss on assistant turns (chat), responses, or all of plain text.
 
     Chats are rendered with the tokenizer's template; the prompt of each assistant turn is found by
     rendering the conversation up to it and checking that its tokens are a prefix of the whole, so
-    masks are exact at the token level for any template. All strings are encoded in two batched calls.
+    masks are exact at the token level for any template. The strings of each chunk of records are
+    encoded in two batched calls.
     """
+    from runner.progress import progress
+
+    if len(records) <= TOKENIZE_CHUNK:
+        return _tokenize_chunk(records, tokenizer, chat=chat)
+    out = []
+    with progress("tokenize data", total=len(records)) as bar:
+        for start in range(0, len(records), TOKENIZE_CHUNK):
+            chunk = records[start:start + TOKENIZE_CHUNK]
+            out += _tokenize_chunk(chunk, tokenizer, chat=chat)
+            bar.advance(len(chunk))
+    return out
+
+
+def _tokenize_chunk(records: list[dict], tokenizer, *, chat: bool) -> list[tuple[list[int], list[int]]]:
     with_special: list[str] = []  # encoded like plain text: the tokenizer adds BOS etc.
     bare: list[str] = []  # chat renders (the template places special tokens itself) and responses
     plans = []
@@ -274,11 +292,12 @@ def build_dataset(data: Any, tokenizer) -> list[dict]:
     """Tokenized examples ready for `collate`; packed into rows of `data.max_length` if asked."""
     chat = use_chat_template(data, tokenizer)
     examples, dropped = [], 0
+    max_length = data.max_length  # read once: each read of a DictConfig key costs ~50 us
     for ids, labels in tokenize_records(load_records(data), tokenizer, chat=chat):
-        if not _trainable(labels, data.max_length):
+        if not _trainable(labels, max_length):
             dropped += 1
             continue
-        ids, labels = ids[: data.max_length], labels[: data.max_length]
+        ids, labels = ids[:max_length], labels[:max_length]
         labels[0] = IGNORE  # nothing predicts the first token (and packing must not link documents)
         examples.append({"input_ids": ids, "labels": labels})
     if dropped:

@@ -169,3 +169,18 @@ def test_uncached_hub_dataset_is_refused_before_work():
     problems = check_data_spec(data_cfg(source="hub", name="someone/not-a-cached-dataset"))
     assert len(problems) == 1 and problems[0].startswith("data.name: cannot load hub dataset 'someone/not-a-cached-dataset'")
     assert "HF_DATASETS_OFFLINE" in problems[0]
+
+
+def test_many_records_are_tokenized_in_chunks_under_one_progress_bar(toy_tokenizer, monkeypatch):
+    import runner.data as D
+    from runner.progress import Record, recorded
+
+    chats = [{"messages": [{"role": "user", "content": f"{i}+1=?"}, {"role": "assistant", "content": f"{i + 1}"}]}
+             for i in range(7)]
+    records = chats + [{"prompt": "1+1=", "response": "2"}, {"text": "3+4=7"}] * 2
+    whole = D.tokenize_records(records, toy_tokenizer, chat=True)  # within one chunk: no bar
+    monkeypatch.setattr(D, "TOKENIZE_CHUNK", 3)
+    with recorded() as bars:
+        chunked = D.tokenize_records(records, toy_tokenizer, chat=True)
+    assert chunked == whole
+    assert bars == [Record("tokenize data", len(records), len(records))]
