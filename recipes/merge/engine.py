@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from runner import atomic, registry
 from runner.errors import ConfigError
 from runner.models import DTYPES
+from runner.progress import progress
 from runner.tensorio import ShardedWriter, TensorSource, parse_size
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,10 @@ def merge_models(
     svd_cache: SVDCache | None = None,
     runtime: tuple[str, ...] = (),
     task_vector_scales: dict[int, list[float]] | None = None,
+    desc: str = "merge",
 ) -> dict:
     """Merge `inputs` (and `base`) into an HF folder at `out_dir`; returns counts of what was done.
+    A progress bar `desc` counts the tensors written.
 
     `runtime` names the arguments `method` takes from the engine (its contract's runtime arguments):
     ``generator`` (seeded per tensor from `seed` and the tensor's name), ``key`` (the tensor's name),
@@ -191,27 +194,29 @@ def merge_models(
     merged = copied = 0
     try:
         order = sources[str(inputs[0])].keys()
-        for key in order:
-            if selection(key):
-                tensors = [sources[str(p)].get(key).float() for p in inputs]
-                base_tensor = sources[str(base)].get(key).float() if base is not None else None
-                scales = (task_vector_scales or {}).get(classify(key)[0])
-                if scales is not None:  # lerp is exact at 0 and 1: a factor of 1 leaves the input as it is
-                    tensors = [torch.lerp(base_tensor, x, s) for x, s in zip(tensors, scales, strict=True)]
-                supplied = {}
-                if "generator" in runtime:
-                    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-                    supplied["generator"] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-                if "key" in runtime:
-                    supplied["key"] = key
-                if "svd_cache" in runtime:
-                    supplied["svd_cache"] = svd_cache
-                out = method(tensors, base_tensor, **params, **supplied)
-                merged += 1
-            else:
-                out = sources[str(outside)].get(key).float()
-                copied += 1
-            writer.add(key, out.to(DTYPES[out_dtype]))
+        with progress(desc, total=len(order)) as bar:
+            for key in order:
+                if selection(key):
+                    tensors = [sources[str(p)].get(key).float() for p in inputs]
+                    base_tensor = sources[str(base)].get(key).float() if base is not None else None
+                    scales = (task_vector_scales or {}).get(classify(key)[0])
+                    if scales is not None:  # lerp is exact at 0 and 1: a factor of 1 leaves the input as it is
+                        tensors = [torch.lerp(base_tensor, x, s) for x, s in zip(tensors, scales, strict=True)]
+                    supplied = {}
+                    if "generator" in runtime:
+                        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+                        supplied["generator"] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+                    if "key" in runtime:
+                        supplied["key"] = key
+                    if "svd_cache" in runtime:
+                        supplied["svd_cache"] = svd_cache
+                    out = method(tensors, base_tensor, **params, **supplied)
+                    merged += 1
+                else:
+                    out = sources[str(outside)].get(key).float()
+                    copied += 1
+                writer.add(key, out.to(DTYPES[out_dtype]))
+                bar.advance()
         config = dict(donor_config, dtype=out_dtype)
         config.pop("torch_dtype", None)
         writer.finish(side_files_from=donor, config=config)

@@ -36,6 +36,7 @@ from recipes.noise_eval.noise import ReadNoise
 from runner import registry
 from runner.config import bounds, limits, range_problem
 from runner.models import decoder_linears
+from runner.progress import progress
 from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
 
@@ -139,20 +140,24 @@ class NoiseEval(Recipe):
         ctx.log.info("noise %s over %s=%s, seeds %s, on %d linear layers (%d decoder layers; redundant: %s)",
                      n.model, n.param, list(n.sweep), list(n.seeds), len(targets), n_layers, sorted(redundant) or "none")
         trials = []
-        for value in n.sweep:
-            for seed in n.seeds:
-                hooks = apply_noise(targets, clean, perturb, {**params, n.param: value}, seed, redundant,
-                                    n.redundancy_r, n.read_sigma)
-                try:
-                    if n.save_trials:
-                        ctx.save(model, tokenizer, name=f"trials/{n.param}={value}/seed{seed}")
-                    metrics = evaluate(model, tokenizer, cfg.eval, ctx.run_dir / "eval" / f"{n.param}={value}" / f"seed{seed}",
-                                       label=f"{n.param}={value} seed {seed}").metrics
-                finally:
-                    for h in hooks:
-                        h.remove()
-                    restore(targets, clean)
-                trials.append({"value": value, "seed": seed, "metrics": metrics})
+        with progress(f"noise {n.model}", total=len(n.sweep) * len(n.seeds)) as bar:
+            for value in n.sweep:
+                for seed in n.seeds:
+                    bar.update(info=f"{n.param}={value} seed {seed}")
+                    hooks = apply_noise(targets, clean, perturb, {**params, n.param: value}, seed, redundant,
+                                        n.redundancy_r, n.read_sigma)
+                    try:
+                        if n.save_trials:
+                            ctx.save(model, tokenizer, name=f"trials/{n.param}={value}/seed{seed}")
+                        metrics = evaluate(model, tokenizer, cfg.eval,
+                                           ctx.run_dir / "eval" / f"{n.param}={value}" / f"seed{seed}",
+                                           label=f"{n.param}={value} seed {seed}").metrics
+                    finally:
+                        for h in hooks:
+                            h.remove()
+                        restore(targets, clean)
+                    trials.append({"value": value, "seed": seed, "metrics": metrics})
+                    bar.advance()
         curve = aggregate(trials)
         if ctx.is_main_process:
             self._write_curve(n, curve, ctx)

@@ -39,6 +39,7 @@ from runner import registry
 from runner.config import bounds
 from runner.errors import ConfigError
 from runner.models import decoder_linears
+from runner.progress import progress
 from runner.recipe import Blocks, Component, Recipe, RecipeResult, RunContext
 from runner.registry import register
 
@@ -234,10 +235,17 @@ class Quantize(Recipe):
                 for name, h in hessians.items():
                     quantize_module(name, modules[name][0], i, hessian=h)
 
-            quantize_sequentially(model, rows, q.calib_batch_size, by_layer, quantize_layer)
+            quantize_sequentially(model, rows, q.calib_batch_size, by_layer, quantize_layer,
+                                  desc=f"quantize {q.method}")
         else:
+            by_layer = {}
             for name, module, layer in targets:
-                quantize_module(name, module, layer)
+                by_layer.setdefault(layer, []).append((name, module))
+            with progress(f"quantize {q.method}", total=len(by_layer)) as bar:
+                for layer, modules in by_layer.items():
+                    for name, module in modules:
+                        quantize_module(name, module, layer)
+                    bar.advance(info=f"layer {layer}")
 
         summary = summarize(meta, layer_bits, scores)
         if transform is not None:
@@ -286,7 +294,7 @@ class Quantize(Recipe):
             stats[str(i)] = step.stats
             return next_inputs
 
-        transform_layers(model, rows, q.calib_batch_size, visit)
+        transform_layers(model, rows, q.calib_batch_size, visit, desc=f"quantize {q.transform} + {q.method}")
         return stats
 
     @staticmethod

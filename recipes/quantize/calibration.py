@@ -15,6 +15,7 @@ import random
 import torch
 
 from runner.data import build_dataset, pack
+from runner.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +108,31 @@ class HessianAccumulator:
 
 
 @torch.no_grad()
-def quantize_sequentially(model, rows: torch.Tensor, batch_size: int, targets_by_layer, quantize_layer) -> None:
+def quantize_sequentially(model, rows: torch.Tensor, batch_size: int, targets_by_layer, quantize_layer,
+                          desc: str = "quantize") -> None:
     """Run the calibration rows through the decoder one layer at a time.
 
     For each layer: gather the Hessians of its targeted linears (``targets_by_layer[i]``: a list of
     (name, module)) on the current inputs, call ``quantize_layer(i, {name: hessian})``, then run
-    the now quantized layer again to produce the next layer's inputs.
+    the now quantized layer again to produce the next layer's inputs. A progress bar `desc` counts
+    the layers.
     """
     inputs = first_layer_inputs(model, rows, batch_size)
-    for i, layer in enumerate(decoder_layers(model)):
-        targets = targets_by_layer.get(i, [])
-        accumulators = {name: HessianAccumulator(module.in_features) for name, module in targets}
-        handles = [module.register_forward_hook(accumulators[name]) for name, module in targets]
-        try:
-            for args, kwargs in inputs:
-                layer_output(layer, args, kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        quantize_layer(i, {name: acc.h for name, acc in accumulators.items()})
-        inputs = [_with_hidden(args, kwargs, layer_output(layer, args, kwargs)) for args, kwargs in inputs]
+    layers = decoder_layers(model)
+    with progress(desc, total=len(layers)) as bar:
+        for i, layer in enumerate(layers):
+            targets = targets_by_layer.get(i, [])
+            accumulators = {name: HessianAccumulator(module.in_features) for name, module in targets}
+            handles = [module.register_forward_hook(accumulators[name]) for name, module in targets]
+            try:
+                for args, kwargs in inputs:
+                    layer_output(layer, args, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            quantize_layer(i, {name: acc.h for name, acc in accumulators.items()})
+            inputs = [_with_hidden(args, kwargs, layer_output(layer, args, kwargs)) for args, kwargs in inputs]
+            bar.advance(info=f"layer {i}")
 
 
 # --- COLA (arXiv 2510.10618), stage 3: representative and diverse rows in activation space ---------
@@ -162,15 +168,17 @@ def activation_sketch(model, rows: torch.Tensor, batch_size: int, seed: int, dim
     handles = [layer.register_forward_hook(grab) for layer in layers]
     sketches = []
     try:
-        for start in range(0, len(rows), batch_size):
-            pooled.clear()
-            current["mask"] = mask[start:start + batch_size].to(device)
-            try:
-                model(input_ids=rows[start:start + batch_size].to(device), attention_mask=current["mask"],
-                      use_cache=False)
-            except _Stop:
-                pass
-            sketches.append(torch.cat(pooled, dim=1) @ projection)
+        with progress("calibration (cola)", total=len(rows), info="activations") as bar:
+            for start in range(0, len(rows), batch_size):
+                pooled.clear()
+                current["mask"] = mask[start:start + batch_size].to(device)
+                try:
+                    model(input_ids=rows[start:start + batch_size].to(device), attention_mask=current["mask"],
+                          use_cache=False)
+                except _Stop:
+                    pass
+                sketches.append(torch.cat(pooled, dim=1) @ projection)
+                bar.advance(len(sketches[-1]))
     finally:
         for h in handles:
             h.remove()

@@ -29,6 +29,7 @@ from recipes.quantize.calibration import (
     first_layer_inputs,
     layer_output,
 )
+from runner.progress import progress
 
 Inputs = list  # [(args, kwargs)] a decoder layer receives, one entry per calibration batch
 
@@ -126,9 +127,13 @@ class ChannelMean:
 
 
 @torch.no_grad()
-def transform_layers(model, rows: torch.Tensor, batch_size: int, visit) -> None:
+def transform_layers(model, rows: torch.Tensor, batch_size: int, visit, desc: str = "transform") -> None:
     """Run the calibration rows through the decoder one layer at a time: ``visit(i, layer, inputs)``
-    transforms and quantizes layer i and returns the inputs of layer i + 1."""
+    transforms and quantizes layer i and returns the inputs of layer i + 1. A progress bar `desc`
+    counts the layers."""
     inputs = first_layer_inputs(model, rows, batch_size)
-    for i, layer in enumerate(decoder_layers(model)):
-        inputs = visit(i, layer, inputs)
+    layers = decoder_layers(model)
+    with progress(desc, total=len(layers)) as bar:
+        for i, layer in enumerate(layers):
+            inputs = visit(i, layer, inputs)
+            bar.advance(info=f"layer {i}")

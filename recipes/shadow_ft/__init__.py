@@ -145,7 +145,7 @@ class ShadowFT(Recipe):
         if ctx.is_main_process:
             stats = merge_models([instruct, tuned], base, method, {"scale": g.scale}, out,
                                  selection=selection, outside=instruct, donor=instruct,
-                                 dtype=g.dtype, max_shard_size=g.max_shard_size, seed=cfg.seed)
+                                 dtype=g.dtype, max_shard_size=g.max_shard_size, seed=cfg.seed, desc="graft")
         ctx.accelerator.wait_for_everyone()
         return RecipeResult(checkpoint=out, train=result,
                             extra={"shadow_ft": {"tune": g.tune, "lora": lora.enabled, "scale": g.scale,

@@ -21,6 +21,7 @@ from recipes.merge.engine import (
 )
 from runner import registry
 from runner.errors import ConfigError
+from runner.progress import Record, recorded
 from runner.run import run, validate
 from tests.conftest import make_tiny_model, problems_of
 
@@ -280,9 +281,11 @@ def merge(inputs, out, method="interpolate", params=None, *, base=None, outside=
 
 @pytest.mark.parametrize("lam,which", [(0.0, 0), (1.0, 1)])
 def test_engine_interpolate_endpoints_are_the_inputs(trio, tmp_path, lam, which):
-    stats = merge(trio[:2], tmp_path / "out", params={"lam": lam})
+    with recorded() as bars:
+        stats = merge(trio[:2], tmp_path / "out", params={"lam": lam})
     out, expected = tensors_of(tmp_path / "out"), tensors_of(trio[which])
     assert out.keys() == expected.keys() and stats["merged_tensors"] == len(expected) == 20
+    assert bars == [Record("merge", 20, 20)]  # one step per tensor written
     assert all(out[k].dtype == torch.float32 and torch.equal(out[k], expected[k]) for k in expected)
 
 

@@ -14,6 +14,7 @@ from recipes.noise_eval import (
     restore,
 )
 from runner.models import decoder_linears, load_model
+from runner.progress import Record, recorded
 from runner.run import run
 from tests.conftest import problems_of
 
@@ -179,8 +180,14 @@ def test_memristor_noise_run_reports_the_curve(compose, tiny_llama, tmp_path):
 
     cfg = compose(["recipe=memristor_noise", f"model.path={tiny_llama}", "noise.sweep=[0.0,0.5]", "noise.seeds=[0,1]",
                    "noise.save_trials=true", "eval.limit=4", "eval.max_gen_toks=6", f"output_root={tmp_path}"])
-    results = run(cfg, tmp_path / "run")
+    with recorded() as bars:
+        results = run(cfg, tmp_path / "run")
     assert results["status"] == "completed" and results["checkpoint"] is None
+    # one step per level and seed, and each trial's evaluation as a line of its own inside it
+    assert [b for b in bars if b.description.startswith("noise")] == [Record("noise prog_max", 4, 4)]
+    trial_evals = [b for b in bars if b.description.startswith("evaluate sigma=")]
+    assert [b.description for b in trial_evals] == [f"evaluate sigma={v} seed {s}" for v in (0.0, 0.5) for s in (0, 1)]
+    assert all(b.total == b.completed == 2 * 4 for b in trial_evals)  # toy_quick: two tasks of 4 problems
     curve = results["noise"]["curve"]
     assert [p["value"] for p in curve] == [0.0, 0.5] and all(p["seeds"] == 2 for p in curve)
     assert len(results["noise"]["trials"]) == 4

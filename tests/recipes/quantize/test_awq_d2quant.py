@@ -128,7 +128,11 @@ def test_awq_at_alpha_zero_without_clipping_is_rtn(compose, tiny_llama, tmp_path
 
 
 def test_awq_recipe_folds_scales_into_the_norms_and_keeps_the_bits(compose, tiny_llama, tmp_path):
-    results, run_dir = quant_run(compose, tiny_llama, tmp_path, "recipe=awq_quantize")
+    from runner.progress import Record, recorded
+
+    with recorded() as bars:
+        results, run_dir = quant_run(compose, tiny_llama, tmp_path, "recipe=awq_quantize")
+    assert [b for b in bars if b.description.startswith("quantize")] == [Record("quantize awq + rtn", 2, 2)]
     before, after = fp32(tiny_llama), fp32(run_dir / "checkpoint")
     old, new = before.state_dict(), after.state_dict()
     assert not torch.equal(old["model.layers.0.input_layernorm.weight"], new["model.layers.0.input_layernorm.weight"])

@@ -152,8 +152,13 @@ def test_cola_config_errors(compose, overrides, expected):
 def test_cola_gptq_recipe_runs_and_calibrates_on_other_rows(compose, tiny_llama, tmp_path):
     small = ["quant.bits=3", "quant.calib_samples=6", "quant.calib_seqlen=32", "quant.calib_pool=4",
              "data.num_examples=400"]
-    results, run_dir = quant_run(compose, tiny_llama, tmp_path, "recipe=cola_gptq_quantize", *small)
+    from runner.progress import Record, recorded
+
+    with recorded() as bars:
+        results, run_dir = quant_run(compose, tiny_llama, tmp_path, "recipe=cola_gptq_quantize", *small)
     assert results["status"] == "completed"
+    assert Record("calibration (cola)", 6 * 4, 6 * 4) in bars  # the activations of every candidate row
+    assert Record("quantize gptq", 2, 2) in bars
     assert results["config"]["quant"]["calib_select"] == "cola"
     quant_run(compose, tiny_llama, tmp_path, "recipe=gptq_quantize", *small, name="random")
     cola_w = load_model({"path": str(run_dir / "checkpoint"), "dtype": "float32"})[0].state_dict()

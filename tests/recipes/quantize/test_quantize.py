@@ -11,6 +11,7 @@ from recipes.quantize import quantizers as Q
 from recipes.quantize.export import export_packed, load_packed
 from runner import registry
 from runner.models import decoder_linears, load_model
+from runner.progress import Record, recorded
 from runner.run import run
 from tests.conftest import problems_of
 
@@ -253,8 +254,10 @@ def quant_run(compose, model_path, tmp_path, *overrides, name="run"):
 
 
 def test_rtn_recipe_quantizes_decoder_linears_only_and_writes_meta(compose, tiny_llama, tmp_path):
-    results, run_dir = quant_run(compose, tiny_llama, tmp_path, "quant.bits=2")
+    with recorded() as bars:
+        results, run_dir = quant_run(compose, tiny_llama, tmp_path, "quant.bits=2")
     assert results["status"] == "completed"
+    assert bars == [Record("quantize rtn", 2, 2)]  # one step per decoder layer
     before = load_model({"path": str(tiny_llama), "dtype": "float32"})[0]
     after = load_model({"path": str(run_dir / "checkpoint"), "dtype": "float32"})[0]
     targets = {f"{n}.weight" for n, _, _ in decoder_linears(after)}
@@ -282,8 +285,10 @@ def test_group_size_that_does_not_divide_falls_back_to_per_channel(compose, tiny
 
 
 def test_targets_and_ignore_select_modules(compose, tiny_llama, tmp_path):
-    results, _ = quant_run(compose, tiny_llama, tmp_path, "quant.targets=[mlp]", "quant.ignore=[layers\\.1\\.]")
+    with recorded() as bars:
+        results, _ = quant_run(compose, tiny_llama, tmp_path, "quant.targets=[mlp]", "quant.ignore=[layers\\.1\\.]")
     assert sorted(results["quant"]["modules"]) == [f"model.layers.0.mlp.{m}" for m in ("down_proj", "gate_proj", "up_proj")]
+    assert bars == [Record("quantize rtn", 1, 1)]  # the layers that have a target
 
 
 def test_lieq_recipe_allocates_per_layer_bits_within_the_budget(compose, tiny_llama, tmp_path):
@@ -296,8 +301,10 @@ def test_lieq_recipe_allocates_per_layer_bits_within_the_budget(compose, tiny_ll
 
 
 def test_gptq_recipe_calibrates_on_the_data_config(compose, tiny_llama, tmp_path):
-    results, run_dir = quant_run(compose, tiny_llama, tmp_path, "recipe=gptq_quantize", "quant.bits=3",
-                                 "quant.calib_samples=8", "quant.calib_seqlen=32", "quant.group_size=16")
+    with recorded() as bars:
+        results, run_dir = quant_run(compose, tiny_llama, tmp_path, "recipe=gptq_quantize", "quant.bits=3",
+                                     "quant.calib_samples=8", "quant.calib_seqlen=32", "quant.group_size=16")
+    assert [b for b in bars if b.description.startswith("quantize")] == [Record("quantize gptq", 2, 2)]
     rtn, _ = quant_run(compose, tiny_llama, tmp_path, "quant.bits=3", name="rtn")
     gptq_w = load_model({"path": str(run_dir / "checkpoint"), "dtype": "float32"})[0].state_dict()
     rtn_w = load_model({"path": str(tmp_path / "rtn" / "checkpoint"), "dtype": "float32"})[0].state_dict()

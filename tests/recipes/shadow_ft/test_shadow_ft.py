@@ -11,6 +11,7 @@ import torch
 from recipes.merge.engine import Selection, merge_models
 from recipes.shadow_ft import PROJECTIONS, graft
 from runner.errors import ConfigError
+from runner.progress import Record, recorded
 from runner.run import run, validate
 from runner.tensorio import TensorSource
 from tests.conftest import REPO, make_tiny_model, problems_of
@@ -44,10 +45,12 @@ def test_graft_recipe_touches_only_the_projections(compose, trio, tmp_path, scal
     cfg = compose(["recipe=graft", f"base.path={trio['base']}", f"tuned_base.path={trio['tuned']}",
                    f"instruct.path={trio['instruct']}", f"graft.scale={scale}", "eval=none",
                    f"output_root={tmp_path}"])
-    results = run(cfg, tmp_path / "run")
+    with recorded() as bars:
+        results = run(cfg, tmp_path / "run")
     b, t, i = (tensors_of(trio[k]) for k in ("base", "tuned", "instruct"))
     out = tensors_of(tmp_path / "run" / "checkpoint")
     assert set(out) == set(i)
+    assert bars == [Record("graft", len(i), len(i))]  # one step per tensor written
     grafted = [k for k in i if is_projection(k)]
     assert len(grafted) == 2 * 7  # two layers of q/k/v/o/gate/up/down
     for k in i:
