@@ -26,43 +26,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from runner import atomic
-from runner.cache import cache_dir, file_sha256
+from runner.cache import cache_dir, checkpoint_fingerprint, folder_fingerprint
 
 ENTRY = "entry.json"
 RUNNER_DIR = Path(__file__).resolve().parent
-
-
-def _memo_path() -> Path:
-    return cache_dir() / "eval" / "file_hashes.json"
-
-
-def folder_fingerprint(folder: Path, memo: dict[str, str] | None = None, pattern: str = "*") -> str:
-    """sha256 over the relative path and content hash of every file under `folder` matching `pattern`."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob(pattern) if p.is_file()):
-        stat = path.stat()
-        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        if memo is not None and stamp in memo:
-            content = memo[stamp]
-        else:
-            content = file_sha256(path)
-            if memo is not None:
-                memo[stamp] = content
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{content}\n".encode())
-    return digest.hexdigest()
-
-
-def _checkpoint_fingerprint(folder: Path) -> str:
-    memo_file = _memo_path()
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    size = len(memo)
-    fingerprint = folder_fingerprint(folder, memo)
-    if len(memo) != size:
-        atomic.write_json(memo_file, memo)
-    return fingerprint
 
 
 def cache_key(folder: str | Path, spec: Any, ev: Any, device: str) -> str | None:
@@ -79,7 +46,7 @@ def cache_key(folder: str | Path, spec: Any, ev: Any, device: str) -> str | None
     eval_cfg = OmegaConf.to_container(ev, resolve=True) if OmegaConf.is_config(ev) else dict(ev)
     eval_cfg.pop("baseline", None)
     parts = {
-        "checkpoint": _checkpoint_fingerprint(folder),
+        "checkpoint": checkpoint_fingerprint(folder),
         "load": {k: str(spec.get(k)) for k in ("dtype", "revision", "trust_remote_code")},
         "device": device.split(":")[0],
         "eval": eval_cfg,

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from runner import eval_cache
+from runner import cache, eval_cache
 from runner.config import EvalConfig
 
 
@@ -16,15 +16,15 @@ def test_folder_fingerprint_follows_content_not_timestamps(tmp_path):
     (folder / "a.bin").write_bytes(b"weights")
     (folder / "config.json").write_text("{}")
     memo: dict[str, str] = {}
-    first = eval_cache.folder_fingerprint(folder, memo)
+    first = cache.folder_fingerprint(folder, memo)
     assert len(memo) == 2
     (folder / "a.bin").write_bytes(b"weights")  # rewritten, same bytes: a new mtime, the same fingerprint
-    assert eval_cache.folder_fingerprint(folder, memo) == first
+    assert cache.folder_fingerprint(folder, memo) == first
     (folder / "a.bin").write_bytes(b"weightz")
-    assert eval_cache.folder_fingerprint(folder, memo) != first
+    assert cache.folder_fingerprint(folder, memo) != first
     (folder / "a.bin").write_bytes(b"weights")
     (folder / "a.bin").rename(folder / "b.bin")  # the same bytes under another name
-    assert eval_cache.folder_fingerprint(folder, memo) != first
+    assert cache.folder_fingerprint(folder, memo) != first
 
 
 def test_the_key_follows_the_eval_config_but_not_the_baseline_switch(tiny_llama):
