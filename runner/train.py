@@ -1,7 +1,8 @@
 """The one training loop, shared by every recipe that trains.
 
 A recipe supplies a loss function ``loss_fn(model, batch, step) -> LossOutput`` (the mean loss of one
-micro-batch and the number of tokens it averaged over); the loop does the rest: accelerate
+micro-batch and the number of tokens it averaged over; a batch holds ``input_ids``, ``attention_mask``,
+``labels`` and ``index``, the rows' positions in the example list); the loop does the rest: accelerate
 (single process, or DDP under ``accelerate launch``), AdamW with a warm-up schedule, gradient
 accumulation, clipping, periodic atomic checkpoints with optimizer and RNG state, resume, a NaN/inf
 guard, a progress bar and log lines from the main process, and optional TensorBoard.
@@ -300,7 +301,9 @@ def train(
             extra: dict[str, float] = {}
             for micro in range(accum):
                 idx = plan.indices(step * accum + micro)
-                batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+                batch = collate([examples[i] for i in idx], pad_id)
+                batch["index"] = torch.tensor(idx)  # the rows' positions in `examples` (per-example caches)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = micro == accum - 1
                 with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
                     with accelerator.autocast():

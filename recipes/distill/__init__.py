@@ -14,6 +14,12 @@ z_reference), the teacher being the aligned model and the reference the student'
 ``reference`` model is given; ``loss.name`` picks the divergence (fkl: the released code's
 KL(p* || pi), rkl: the paper's KL(pi || p*)).
 
+``loss.teacher_cache`` (``off``, ``auto`` or a folder) keeps the teacher's top-k log-probs on the
+dataset's response tokens (`recipes.distill.teacher_cache`): the first run computes them, later runs
+on the same teacher and data (a sweep over divergences) read them and never run the teacher on
+dataset batches. ``auto`` keeps them in the runner's cache and runs the teacher live where a cache
+cannot serve (G-OPD rollouts, TrRa); a folder given by name must be usable.
+
 ``lora.enabled=true`` trains the student through LoRA adapters (LLM-Neo) and saves the merged
 model as a plain checkpoint. The teacher and student must share a tokenizer; embedding rows
 beyond the tokenizer's length (vocabulary padding) are ignored, with a note.
@@ -25,14 +31,18 @@ beyond the tokenizer's length (vocabulary padding) are ignored, with a note.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from recipes.distill import losses  # noqa: F401  (registers the kd_loss entries)
 from recipes.distill.objective import KDObjective
 from recipes.distill.onpolicy import AGGREGATIONS, GKD, GOPD, Sampling
+from recipes.distill import teacher_cache
 from runner import registry
+from runner.cache import cache_dir, checkpoint_fingerprint
 from runner.config import bounds, method_block
 from runner.data import build_dataset
 from runner.errors import ConfigError
@@ -68,6 +78,8 @@ class LossConfig:
     topk: int = field(default=0, metadata=bounds(0))
     loca: LocaConfig = field(default_factory=LocaConfig)
     realign: RealignConfig = field(default_factory=RealignConfig)
+    teacher_cache: str = "off"  # off | auto (the runner's cache) | a folder: the teacher's top-k, computed once
+    teacher_cache_k: int = field(default=64, metadata=bounds(1))
 
 
 @dataclass
@@ -105,10 +117,39 @@ class Distill(Recipe):
         if blocks["loss"].realign.enabled and blocks["onpolicy"].mode != "off":
             problems.append(f"loss.realign.enabled: TrRa is teacher-forced on dataset batches; it needs "
                             f"onpolicy.mode=off, not {blocks['onpolicy'].mode!r}")
+        problems += self._check_teacher_cache(blocks["loss"], blocks["onpolicy"])
         if cfg.get("reference") is not None and not self._needs_reference(blocks["loss"], blocks["onpolicy"]):
             problems.append("reference: set, but only G-OPD with onpolicy.reward_scale != 1 (onpolicy.mode=gopd; at "
                             "reward_scale 1 the reference drops out of the advantage) and TrRa "
                             "(loss.realign.enabled=true) use a reference model; remove it")
+        return problems
+
+    @staticmethod
+    def _cache_serves(loss_cfg, onpolicy) -> str | None:
+        """Why a teacher cache cannot serve this run (None: it can)."""
+        if onpolicy.mode == "gopd":
+            return "G-OPD trains only on student rollouts, which no cache holds"
+        if loss_cfg.realign.enabled:
+            return "TrRa's target fuses the teacher with the reference live"
+        return None
+
+    def _check_teacher_cache(self, loss_cfg, onpolicy) -> list[str]:
+        where = loss_cfg.teacher_cache
+        if where == "off":
+            return []
+        problems, why_not = [], self._cache_serves(loss_cfg, onpolicy)
+        if where != "auto":
+            folder = Path(where).expanduser()
+            if not where.strip():
+                problems.append("loss.teacher_cache: empty; use off, auto or a folder")
+            elif folder.exists() and not folder.is_dir():
+                problems.append(f"loss.teacher_cache: {where!r} is a file; give a folder (or off, auto)")
+            if why_not:
+                problems.append(f"loss.teacher_cache: a folder is given, but {why_not}; set loss.teacher_cache=off "
+                                f"(auto runs such a job live)")
+        if why_not is None and loss_cfg.topk > loss_cfg.teacher_cache_k:
+            problems.append(f"loss.topk: {loss_cfg.topk} exceeds loss.teacher_cache_k={loss_cfg.teacher_cache_k}, the "
+                            f"tokens the cache keeps; raise loss.teacher_cache_k or lower loss.topk")
         return problems
 
     def uses(self, cfg: DictConfig) -> set[str]:
@@ -132,9 +173,16 @@ class Distill(Recipe):
             tok_reference = load_tokenizer(resolve_model_path(cfg.reference), trust_remote_code=cfg.reference.trust_remote_code)
             check_same_vocab(tok_reference, tok_student, "reference", "student")
 
+        examples = build_dataset(cfg.data, tok_student)
+        cache_folder = None
+        if self._use_teacher_cache(cfg, loss_cfg, onpolicy, len(tok_student), ctx):
+            cache_folder = self._teacher_cache_folder(cfg, loss_cfg, examples, len(tok_student), ctx)
+        # off-policy runs on a built cache never call the teacher, so it is not loaded
+        teacher = None
+        if cache_folder is None or onpolicy.mode != "off" or not teacher_cache.TeacherCache.exists(cache_folder):
+            teacher, _ = ctx.load_model("teacher")
+            teacher.eval().requires_grad_(False)
         student, tokenizer = ctx.load_model("student")
-        teacher, _ = ctx.load_model("teacher")
-        teacher.eval().requires_grad_(False)
         # the reference: the model given (reward correction), else a frozen copy of the student's start
         reference = None
         if given_reference:
@@ -145,18 +193,23 @@ class Distill(Recipe):
         vocab_size = self._common_vocab(student, teacher, len(tokenizer), ctx, reference)
         if loss_cfg.chunk_size:
             check_plain_head(student, "student")
-            check_plain_head(teacher, "teacher")
+            if teacher is not None:
+                check_plain_head(teacher, "teacher")
             if reference is not None:
                 check_plain_head(reference, "reference")
 
         if lora.enabled:
             student = with_lora(student, lora)
 
+        cache = None
+        if cache_folder is not None:
+            cache = self._open_teacher_cache(cache_folder, cfg, loss_cfg, teacher, examples, vocab_size,
+                                             tokenizer.pad_token_id, ctx)
         objective = KDObjective(registry.get("kd_loss", loss_cfg.name), ctx.blocks.params["loss"], temperature=loss_cfg.temperature, kd_ratio=loss_cfg.kd_ratio,
                                 loca_alpha=loss_cfg.loca.alpha if loss_cfg.loca.enabled else None,
                                 topk=loss_cfg.topk, chunk_size=loss_cfg.chunk_size, vocab_size=vocab_size,
                                 reference=reference if loss_cfg.realign.enabled else None,
-                                realign_lam=loss_cfg.realign.lam)
+                                realign_lam=loss_cfg.realign.lam, cache=cache)
         sampling = Sampling(onpolicy.max_new_tokens, onpolicy.temperature, onpolicy.top_p, onpolicy.top_k)
         unwrap = ctx.accelerator.unwrap_model
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -169,7 +222,6 @@ class Distill(Recipe):
             def loss_fn(model, batch, step):
                 return objective(model, teacher, batch)
 
-        examples = build_dataset(cfg.data, tokenizer)
         ctx.log.info("distilling %s -> %s with %s (%s) on %d examples%s", cfg.teacher.path, cfg.student.path,
                      loss_cfg.name, onpolicy.mode, len(examples),
                      f"; reference {cfg.reference.path if given_reference else 'the student start'}" if reference is not None else "")
@@ -184,15 +236,66 @@ class Distill(Recipe):
             extra["reference"] = cfg.reference.path if given_reference else "student start"
         if loss_cfg.realign.enabled:
             extra["realign_lam"] = loss_cfg.realign.lam
+        if cache is not None:
+            extra["teacher_cache"] = {"folder": str(cache.folder), **cache.meta, "built": cache.built_s is not None,
+                                      "build_s": cache.built_s}
         return RecipeResult(checkpoint=checkpoint, model=student, tokenizer=tokenizer, train=result,
                             extra={"distill": {"loss": loss_cfg.name, "mode": onpolicy.mode, "lora": lora.enabled,
                                                "compared_vocab": vocab_size, **extra}})
 
+    def _use_teacher_cache(self, cfg, loss_cfg, onpolicy, vocab_size: int, ctx: RunContext) -> bool:
+        """Whether this run reads the teacher from a cache; refuses what cannot work before weights load."""
+        if loss_cfg.teacher_cache == "off":
+            return False
+        explicit = loss_cfg.teacher_cache != "auto"
+        why_not = self._cache_serves(loss_cfg, onpolicy)
+        if why_not is None and not Path(resolve_model_path(cfg.teacher)).is_dir():
+            why_not = f"the teacher {cfg.teacher.path!r} is not a local folder (its content cannot be fingerprinted)"
+            if explicit:
+                raise ConfigError(f"loss.teacher_cache: {why_not}; set loss.teacher_cache=off")
+        if why_not is not None:
+            ctx.log.info("teacher cache: not used (%s); the teacher runs live", why_not)
+            return False
+        if loss_cfg.teacher_cache_k > vocab_size:
+            raise ConfigError(f"loss.teacher_cache_k: {loss_cfg.teacher_cache_k} exceeds the vocabulary "
+                              f"({vocab_size} tokens)")
+        return True
+
+    @staticmethod
+    def _teacher_cache_folder(cfg, loss_cfg, examples, vocab_size: int, ctx: RunContext) -> Path:
+        """The entry for this teacher's content, this data and these loss settings."""
+        spec = teacher_cache.CacheSpec(loss_cfg.teacher_cache_k, float(loss_cfg.temperature), vocab_size)
+        run = {"dtype": str(cfg.teacher.dtype), "device": ctx.accelerator.device.type,
+               "mixed_precision": str(cfg.train.mixed_precision)}
+        key = teacher_cache.cache_key(spec, checkpoint_fingerprint(Path(resolve_model_path(cfg.teacher))),
+                                      teacher_cache.data_fingerprint(examples), run)
+        root = cache_dir() / "teacher_topk" if loss_cfg.teacher_cache == "auto" else Path(loss_cfg.teacher_cache).expanduser()
+        return root / key
+
+    @staticmethod
+    def _open_teacher_cache(folder: Path, cfg, loss_cfg, teacher, examples, vocab_size: int, pad_id: int,
+                            ctx: RunContext) -> teacher_cache.TeacherCache:
+        """The entry at `folder`, built first (on the main process) when it is not there."""
+        built_s = None
+        if ctx.is_main_process and not teacher_cache.TeacherCache.exists(folder):
+            spec = teacher_cache.CacheSpec(loss_cfg.teacher_cache_k, float(loss_cfg.temperature), vocab_size)
+            ctx.log.info("teacher cache: computing the teacher's top-%d on %d rows into %s", spec.k, len(examples), folder)
+            t0 = time.perf_counter()
+            teacher_cache.build(folder, teacher, examples, spec, pad_id, batch_size=cfg.train.batch_size,
+                                chunk_size=loss_cfg.chunk_size or 1024, device=ctx.accelerator.device)
+            built_s = round(time.perf_counter() - t0, 2)
+        ctx.accelerator.wait_for_everyone()
+        cache = teacher_cache.TeacherCache(folder, built_s)
+        ctx.log.info("teacher cache: %s %s (%d tokens, %d bytes each)", "built" if built_s is not None else "reusing",
+                     folder, cache.meta["tokens"], cache.meta["bytes_per_token"])
+        return cache
+
     @staticmethod
     def _common_vocab(student, teacher, tokenizer_len: int, ctx: RunContext, reference=None) -> int:
         """Logit rows compared: the tokenizer's length; rows beyond it are padding and are dropped."""
-        sizes = {"student": student.get_output_embeddings().weight.shape[0],
-                 "teacher": teacher.get_output_embeddings().weight.shape[0]}
+        sizes = {"student": student.get_output_embeddings().weight.shape[0]}
+        if teacher is not None:  # None: read from a teacher cache, checked when it was built
+            sizes["teacher"] = teacher.get_output_embeddings().weight.shape[0]
         if reference is not None:
             sizes["reference"] = reference.get_output_embeddings().weight.shape[0]
         short = {k: v for k, v in sizes.items() if v < tokenizer_len}

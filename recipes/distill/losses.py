@@ -124,7 +124,8 @@ def adaptive_kl(s: torch.Tensor, t: torch.Tensor, *, mu: float = 0.5, eps: float
     return w_head * _kl(t, s) + (1.0 - w_head) * _kl(s, t)
 
 
-def loca_calibrate(teacher_logp: torch.Tensor, labels: torch.Tensor, alpha: float = 0.9) -> torch.Tensor:
+def loca_calibrate(teacher_logp: torch.Tensor, labels: torch.Tensor, alpha: float = 0.9,
+                   tokens: int | None = None) -> torch.Tensor:
     """LoCa (Yang, Wu, Yang, ECAI 2024): move the teacher's mass to the label where its argmax is wrong.
 
     At positions where the teacher's top token k differs from the label g, with s = alpha /
@@ -132,10 +133,12 @@ def loca_calibrate(teacher_logp: torch.Tensor, labels: torch.Tensor, alpha: floa
     keeps the ratios among non-label tokens, and puts the label ahead of every other token by
     exactly 1 - alpha. Positions where the teacher is right are unchanged. Works in log space;
     returns calibrated log-probs. Needs ground-truth labels, so never for student-generated text.
+    `tokens`: only the first `tokens` entries are single tokens and may be the teacher's top one; the
+    entries after them are buckets of many tokens (a cached teacher's rest), scaled like any non-label.
     """
     labels = labels.clamp(min=0).unsqueeze(-1)
     logp_g = teacher_logp.gather(-1, labels)
-    logp_k, top = teacher_logp.max(-1, keepdim=True)
+    logp_k, top = teacher_logp[..., :tokens].max(-1, keepdim=True)
     wrong = top != labels
     p_g, p_k = logp_g.exp(), logp_k.exp()
     log_s = math.log(alpha) - torch.log1p(p_k - p_g)
