@@ -21,11 +21,13 @@ tests check a stage reported.
 
 from __future__ import annotations
 
+import io
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from rich.markup import escape
 from rich.progress import Progress
 
 _shown: list[Progress] = []  # the displays now live, innermost last; a new bar joins the last
@@ -38,16 +40,68 @@ def is_main_process() -> bool:
 
 
 class _Display(Progress):
-    """A rich Progress that, while started, is the display the bars opened inside it join."""
+    """A rich Progress that, while started, is the display the bars opened inside it join, and
+    through which the log's console lines pass (above the bars, not through them)."""
+
+    _rerouted: list = []
 
     def start(self) -> None:
         super().start()
         _shown.append(self)
+        self._rerouted = _reroute_log_streams(self.console)
 
     def stop(self) -> None:
         if self in _shown:
             _shown.remove(self)
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted = []
         super().stop()
+
+
+def _reroute_log_streams(console) -> list:
+    """Point every logging handler that writes to the terminal's stdout or stderr at `console`, which
+    prints each line above the live display; returns (handler, old stream) to undo it.
+
+    On a terminal, rich's live display swaps sys.stdout and sys.stderr for proxies that do this, but a
+    handler keeps the stream it was given (Hydra's console handler, sys.stdout when logging was
+    configured): its lines would be written into the bars and break them up. Off a terminal rich
+    swaps nothing and neither does this.
+    """
+    import logging
+    import sys
+
+    from rich.file_proxy import FileProxy
+
+    originals = {id(p.rich_proxied_file) for p in (sys.stdout, sys.stderr) if isinstance(p, FileProxy)}
+    if not originals:
+        return []
+    loggers = [logging.getLogger(),
+               *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    rerouted = []
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in originals:
+            rerouted.append((handler, handler.setStream(_LinesAbove(console))))
+    return rerouted
+
+
+class _LinesAbove(io.TextIOBase):
+    """A stream whose complete lines the console prints above its live display, unwrapped (the
+    terminal wraps them, as it would without the display)."""
+
+    def __init__(self, console):
+        self._console, self._partial = console, ""
+
+    def write(self, text: str) -> int:
+        from rich.text import Text
+
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._console.print(Text(line), soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # a partial line waits for its newline
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -94,7 +148,7 @@ class Bar:
 
     def advance(self, n: float = 1, info: str | None = None) -> None:
         self.completed += n
-        self._display.update(self._task, completed=self.completed, **({} if info is None else {"info": info}))
+        self._display.update(self._task, completed=self.completed, **({} if info is None else {"info": escape(info)}))
 
     def update(self, *, completed: float | None = None, total: float | None = None, info: str | None = None,
                description: str | None = None) -> None:
@@ -105,7 +159,8 @@ class Bar:
             self.total = total
         if description is not None:
             self.description = description
-        fields = {k: v for k, v in (("total", total), ("info", info), ("description", description)) if v is not None}
+        fields = {k: v if k == "total" else escape(v)
+                  for k, v in (("total", total), ("info", info), ("description", description)) if v is not None}
         self._display.update(self._task, completed=self.completed, **fields)
 
     def add_total(self, n: float) -> None:
@@ -120,7 +175,7 @@ def progress(description: str, total: float | None = None, *, enabled: bool | No
     block runs. `enabled` defaults to `is_main_process()`."""
     own = not _shown
     display = progress_bar(is_main_process() if enabled is None else enabled) if own else _shown[-1]
-    task = display.add_task(description, total=total, info=info)
+    task = display.add_task(escape(description), total=total, info=escape(info))
     bar = Bar(display, task, description, total)
     if own:
         display.start()

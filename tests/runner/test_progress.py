@@ -64,3 +64,36 @@ def test_the_outermost_bar_prints_its_final_line_on_stderr(capfd):
         bar.advance(3, info="done")
     err = capfd.readouterr().err
     assert "layers" in err and "3/3" in err and "done" in err
+
+
+def test_descriptions_are_shown_as_written_not_as_markup(capfd):
+    with P.recorded() as found, P.progress("evaluate models[0] [/x]", total=1, enabled=True) as bar:
+        bar.advance(info="[bold]")
+    assert found == [P.Record("evaluate models[0] [/x]", 1, 1)]
+    assert "evaluate models[0] [/x]" in capfd.readouterr().err
+
+
+def test_log_lines_pass_above_the_bars_on_a_terminal(monkeypatch):
+    import io
+    import logging
+    import sys
+
+    from rich.console import Console
+
+    screen, before = io.StringIO(), sys.stdout
+    handler = logging.StreamHandler(sys.stdout)  # as Hydra's console handler holds sys.stdout
+    log = logging.getLogger("tests.progress.terminal")
+    log.addHandler(handler)
+    log.propagate = False
+    monkeypatch.setattr(P, "progress_bar", lambda enabled=True: P._Display(
+        *P.Progress.get_default_columns(), console=Console(file=screen, force_terminal=True, width=40)))
+    try:
+        with P.progress("work", total=1) as bar:
+            assert sys.stdout is not before  # rich's proxy while the bars are live
+            log.warning("a log line longer than the forty columns of this terminal")
+            bar.advance()
+        assert handler.stream is before and sys.stdout is before  # put back
+    finally:
+        log.removeHandler(handler)
+    shown = screen.getvalue()
+    assert "a log line longer than the forty columns of this terminal\n" in shown  # one line, not wrapped
