@@ -1,5 +1,5 @@
 """Where the runner keeps what it can rebuild: zoo builds, converted models, SVD factors, baseline
-evaluations; and the content hash its entries are keyed and checked by.
+evaluations, teachers' top-k log-probs; and the content hashes its entries are keyed and checked by.
 
 ``RUNNER_CACHE_DIR`` moves it (default ``~/.cache/runner``); deleting it only costs recomputation.
 """

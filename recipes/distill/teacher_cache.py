@@ -40,6 +40,7 @@ import torch
 from runner import atomic
 from runner.data import IGNORE, collate, shift_labels
 from runner.lm_head import last_hidden_states, output_head, project
+from runner.progress import progress
 
 FORMAT = 1  # bump when the layout or what is stored changes
 
@@ -135,16 +136,16 @@ def response_counts(examples: list[dict]) -> np.ndarray:
 
 @torch.no_grad()
 def build(folder: Path, teacher, examples: list[dict], spec: CacheSpec, pad_id: int, *, batch_size: int = 16,
-          chunk_size: int = 1024, device=None, on_rows=None) -> None:
+          chunk_size: int = 1024, device=None) -> None:
     """Run `teacher` once over `examples` and write the entry to `folder` (atomically).
 
     The teacher's logits are projected `chunk_size` response tokens at a time, so memory holds one
-    ``[chunk, V]`` block whatever the vocabulary. `on_rows(n)` is called after each batch (progress).
+    ``[chunk, V]`` block whatever the vocabulary.
     """
     offsets = np.concatenate([[0], np.cumsum(response_counts(examples))])
     n_tokens, k = int(offsets[-1]), spec.k
     head = output_head(teacher)
-    with atomic.folder(Path(folder)) as tmp:
+    with atomic.folder(Path(folder)) as tmp, progress(f"teacher top-{k}", total=len(examples)) as bar:
         ids_out = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.uint8,
                                             shape=(n_tokens, math.ceil(k * spec.bits / 8)))
         logp_out = np.lib.format.open_memmap(tmp / "logp.npy", mode="w+", dtype=np.float16, shape=(n_tokens, k + 2))
@@ -162,8 +163,7 @@ def build(folder: Path, teacher, examples: list[dict], spec: CacheSpec, pad_id: 
                 n = top.shape[0]
                 ids_out[at + i: at + i + n] = pack_ids(top.cpu().numpy(), spec.bits)
                 logp_out[at + i: at + i + n] = buckets.cpu().numpy().astype(np.float16)
-            if on_rows is not None:
-                on_rows(len(rows))
+            bar.advance(len(rows))
         ids_out.flush()
         logp_out.flush()
         del ids_out, logp_out

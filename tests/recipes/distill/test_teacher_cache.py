@@ -125,6 +125,15 @@ def test_chunked_and_whole_cached_losses_agree(pair, examples, built):
     assert naive(student, None, batch).loss.item() == pytest.approx(chunked(student, None, batch).loss.item(), abs=1e-5)
 
 
+def test_building_shows_one_bar_over_the_rows(pair, examples, tmp_path):
+    from runner.progress import recorded
+
+    _, teacher, tok = pair
+    with recorded() as bars:
+        tc.build(tmp_path / "k4", teacher, examples, tc.CacheSpec(4, 1.0, len(tok)), tok.pad_token_id, batch_size=5)
+    assert [(b.description, b.total, b.completed) for b in bars] == [("teacher top-4", 12, 12)]
+
+
 def test_a_batch_that_does_not_match_the_entry_is_refused(pair, examples, built, toy_tokenizer):
     student, _, tok = pair
     other = build_dataset(DataConfig(source="toy", format="thinking", num_examples=3, max_length=48, seed=5), toy_tokenizer)
