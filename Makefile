@@ -15,7 +15,7 @@ LOCK := requirements.lock
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup setup-latest lock test test-fast run zoo zoo-eval effects mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench clean-outputs real-model
+.PHONY: setup setup-latest lock test test-fast run zoo zoo-eval effects mi-sweep distill-sweep noise-curves quant-sweep lieq-experiment bench real-size-bench clean-outputs real-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,11 +41,16 @@ lock:  ## resolve every dependency afresh (newest allowed) in a scratch venv and
 	  .lock-venv/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK)
 	rm -rf .lock-venv
 
-test:  ## the whole test suite (offline)
-	$(BIN)/python -m pytest -q tests
+# One pytest worker per core (pytest-xdist); each test file stays on one worker, so its module
+# fixtures (tiny models, the converted real model) are built once. TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
+test:  ## the whole test suite (offline); tiers: test-fast, or pytest -m "not real", "not slow", "not e2e"
+	$(PYTEST) tests
 
 test-fast:  ## the unit tests: no command-line runs (e2e), no real-model runs and no slow tests
-	$(BIN)/python -m pytest -q -m "not slow and not e2e and not real" tests
+	$(PYTEST) -m "not slow and not e2e and not real" tests
 
 run:  ## the demo job (override with RECIPE=...)
 	$(BIN)/python -m runner recipe=$(or $(RECIPE),sft)
@@ -104,9 +109,16 @@ lieq-experiment:  ## one layer gets a third bit: uniform 2-bit vs LieQ vs NSDS v
 		"+quant.allocator_params.bits={0:3},{1:3},{2:3},{3:3}" hydra.sweep.dir=$(LIEQ_DIR)/teacher-manual
 	$(BIN)/python -m runner.report $(LIEQ_DIR) --metrics '$(QUANT_METRICS),quant/code_bits'
 
-bench:  ## benchmarks against peers (TRL from the bench extra), printed as ratios
+bench:  ## benchmarks against peers (TRL, mergekit from the bench extra), printed as ratios; real_size.py at its tiny size
 	$(BIN)/pip install -q -c $(LOCK) -e ".[bench]"
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+REAL_SIZE_DIR ?= outputs/real_size/$(STAMP)
+real-size-bench:  ## the engines at Qwen3-0.6B / Llama-3.2-1B size on random weights, vs mergekit and targets (~1.5 h on 2 cores)
+	$(BIN)/pip install -q -c $(LOCK) -e ".[bench]"
+	mkdir -p $(REAL_SIZE_DIR)
+	$(BIN)/python -u bench/real_size.py --model qwen3-0.6b --json $(REAL_SIZE_DIR)/qwen3-0.6b.json
+	$(BIN)/python -u bench/real_size.py --model llama-3.2-1b --only merge,graft --json $(REAL_SIZE_DIR)/llama-3.2-1b.json
 
 real-model:  ## measure the runner on SmolLM2-135M-Instruct (docs/real_model/; mergekit from the bench extra), ~10 min
 	$(BIN)/pip install -q -c $(LOCK) -e ".[bench]"

@@ -14,6 +14,14 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # path sets RUNNER_TOY_PROFILE=smoke itself. Anything cached (Timber's SVDs, builds) goes to a temp folder.
 os.environ.pop("RUNNER_TOY_PROFILE", None)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each worker (and the command lines it starts) computes on one
+    # thread, so two workers never fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
 

@@ -82,6 +82,21 @@ def offline_runs(run_dir):
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+def _settled_bytes(path, wait_s: float = 60.0) -> bytes:
+    """The file once W&B's writer (its own process) has stopped growing it; on a loaded machine the
+    records can land shortly after `finish()` returns."""
+    import time
+
+    deadline, size = time.monotonic() + wait_s, -1
+    while time.monotonic() < deadline:
+        data = path.read_bytes()
+        if len(data) == size and b"train/loss" in data:
+            return data
+        size = len(data)
+        time.sleep(1.0)
+    return path.read_bytes()
+
+
 def test_wandb_logs_offline_and_a_resumed_run_continues_the_same_run(wandb_offline, tiny_llama, examples, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
@@ -90,7 +105,7 @@ def test_wandb_logs_offline_and_a_resumed_run_continues_the_same_run(wandb_offli
     run_id = (first / WANDB_ID_FILE).read_text().strip()
     [run] = offline_runs(first)
     assert run.name.endswith(run_id)
-    data = (run / f"run-{run_id}.wandb").read_bytes()
+    data = _settled_bytes(run / f"run-{run_id}.wandb")
     assert b"train/loss" in data and b"train/grad_norm" in data  # the logged history is in the run file
     # a run that resumes the first one (its state lives in first/) logs to the same W&B run
     train_for(tiny_llama, examples, second, [WandbLogger(second, {"name": "sft"}, resumed_from=first)])
