@@ -78,7 +78,7 @@ mi-sweep:  ## the MI lambda sweep over toy-instruct <-> toy-thinking (greedy and
 DISTILL_SWEEP_DIR ?= outputs/distill_sweep/$(STAMP)
 distill-sweep:  ## every KD divergence and on-policy mode, toy-teacher -> toy-student, then the table
 	$(BIN)/python -m runner -m recipe=fkl_distill,rkl_distill,skl_distill,srkl_distill,jsd_distill,tvd_distill,akl_distill,loca_distill,neo_distill,gkd_distill,gopd_distill \
-		hydra.sweep.dir=$(DISTILL_SWEEP_DIR)
+		hydra.sweep.dir=$(DISTILL_SWEEP_DIR) $(DISTILL_ARGS)
 	$(BIN)/python -m runner.report $(DISTILL_SWEEP_DIR) --metrics 'toy_arith*/exact_match,toy_arith_mc/acc'
 
 NOISE_DIR ?= outputs/noise_curves/$(STAMP)
