@@ -7,7 +7,10 @@ before it (CPU: the growth of ru_maxrss; CUDA: max_memory_allocated).
 
 Step time: the toy pair (toy-teacher -> toy-student) on toy chats, one KD step (teacher forward +
 student forward/backward) against one plain SFT step of the same student and against the teacher's
-forward alone (the floor any KD step pays), same batches.
+forward alone (the floor any KD step pays), same batches; and one KD step on a teacher cache
+(`loss.teacher_cache`, top-64: the teacher is not run), with the cache's one-off build time. Then
+the cache's approximation: each divergence's loss on the top-k buckets against the full-vocabulary
+loss, at the student's start, over the same batches (k = 8, 16, 64).
 
     python bench/distill_memory.py [--vocabs 8192,32768,65536,131072] [--chunk 256]
 """
@@ -33,7 +36,7 @@ def measure(vocab: int, chunk: int, batch: int, seq: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from recipes.distill.losses import forward_kl
+    from recipes.distill.losses import fkl as forward_kl  # the registered kd_loss (token-mean)
     from recipes.distill.objective import KDObjective
 
     torch.manual_seed(0)
@@ -62,14 +65,18 @@ def measure(vocab: int, chunk: int, batch: int, seq: int) -> dict:
     return {"vocab": vocab, "chunk": chunk, "peak_mib": (peak - base) / 2**20, "seconds": seconds}
 
 
-def step_times(steps: int) -> dict[str, float]:
-    """Median seconds per step of plain SFT, of the teacher's forward alone, and of KD; interleaved."""
+def step_times(steps: int, cache_dir: str) -> tuple[dict[str, float], dict]:
+    """Median seconds per step of plain SFT, of the teacher's forward alone, of KD and of KD on a teacher
+    cache, interleaved; and the cache's build time, size and approximation gap."""
     import statistics
+    from pathlib import Path
 
     import torch
 
-    from recipes.distill.losses import forward_kl
+    from recipes.distill import teacher_cache
+    from recipes.distill.losses import fkl as forward_kl  # the registered kd_loss (token-mean)
     from recipes.distill.objective import KDObjective
+    from runner import registry
     from runner.config import DataConfig
     from runner.data import build_dataset, collate
     from runner.models import load_model
@@ -80,22 +87,49 @@ def step_times(steps: int) -> dict[str, float]:
     teacher.eval().requires_grad_(False)
     rows = build_dataset(DataConfig(source="toy", format="instruct", num_examples=20000, max_length=64, packing=True,
                                     seed=0), tok)
+    rows = rows[: steps * 32]
+    caches, info = {}, {}
+    for k in (8, 16, 64):
+        t0 = time.perf_counter()
+        teacher_cache.build(Path(cache_dir) / f"k{k}", teacher, rows, teacher_cache.CacheSpec(k, 1.0, len(tok)),
+                            tok.pad_token_id, batch_size=32)
+        caches[k] = teacher_cache.TeacherCache(Path(cache_dir) / f"k{k}")
+        info[k] = {"build_s": time.perf_counter() - t0, "bytes_per_token": caches[k].meta["bytes_per_token"],
+                   "tokens": caches[k].meta["tokens"]}
     kd = KDObjective(forward_kl, vocab_size=len(tok))
+    kd_cached = KDObjective(forward_kl, vocab_size=len(tok), cache=caches[64])
+
     def teacher_forward(batch):
         with torch.no_grad():
             teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    times = {"sft": [], "teacher_forward": [], "kd": []}
-    for step in range(steps):
+    def batch_at(step):
         batch = collate(rows[step * 32:(step + 1) * 32], tok.pad_token_id)
+        batch["index"] = torch.arange(step * 32, (step + 1) * 32)
+        return batch
+
+    # the approximation at the student's start: bucketed loss / full-vocabulary loss, summed over batches
+    gaps = {}
+    with torch.no_grad():
+        for name in ("fkl", "rkl", "jsd", "tvd", "akl"):
+            loss = registry.get("kd_loss", name)
+            full = sum(float(KDObjective(loss, vocab_size=len(tok))(student, teacher, batch_at(s)).loss) for s in range(steps))
+            gaps[name] = {k: sum(float(KDObjective(loss, vocab_size=len(tok), cache=caches[k])(student, None, batch_at(s)).loss)
+                                 for s in range(steps)) / full for k in caches}
+    info["gap"] = gaps
+
+    times = {"sft": [], "teacher_forward": [], "kd": [], "kd_cached": []}
+    for step in range(steps):
+        batch = batch_at(step)
         for name, fn in (("sft", lambda: causal_lm_loss(student, batch).loss.backward()),
                          ("teacher_forward", lambda: teacher_forward(batch)),
-                         ("kd", lambda: kd(student, teacher, batch).loss.backward())):
+                         ("kd", lambda: kd(student, teacher, batch).loss.backward()),
+                         ("kd_cached", lambda: kd_cached(student, None, batch).loss.backward())):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
             student.zero_grad(set_to_none=True)
-    return {k: statistics.median(v[2:]) for k, v in times.items()}
+    return {k: statistics.median(v[2:]) for k, v in times.items()}, info
 
 
 def main():
@@ -123,10 +157,21 @@ def main():
         naive, chunked = res[0], res[args.chunk]
         print(f"{vocab:>8} {naive['peak_mib']:>10.0f} {chunked['peak_mib']:>12.0f} "
               f"{chunked['peak_mib'] / naive['peak_mib']:>7.2f} {naive['seconds']:>8.2f} {chunked['seconds']:>10.2f}")
-    t = step_times(args.steps)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        t, info = step_times(args.steps, cache_dir)
     print(f"toy pair, batch 32 x 64 (forward+backward): SFT {t['sft'] * 1000:.1f} ms, teacher forward "
-          f"{t['teacher_forward'] * 1000:.1f} ms, KD {t['kd'] * 1000:.1f} ms; KD/SFT {t['kd'] / t['sft']:.2f}, "
-          f"floor (SFT + teacher forward)/SFT {(t['sft'] + t['teacher_forward']) / t['sft']:.2f}")
+          f"{t['teacher_forward'] * 1000:.1f} ms, KD {t['kd'] * 1000:.1f} ms, KD on the teacher cache (top-64) "
+          f"{t['kd_cached'] * 1000:.1f} ms; KD/SFT {t['kd'] / t['sft']:.2f}, cached KD/SFT "
+          f"{t['kd_cached'] / t['sft']:.2f}, floor (SFT + teacher forward)/SFT {(t['sft'] + t['teacher_forward']) / t['sft']:.2f}")
+    for k in (8, 16, 64):
+        print(f"teacher cache top-{k}: {info[k]['tokens']} response tokens in {info[k]['build_s']:.1f} s, "
+              f"{info[k]['bytes_per_token']} bytes per token")
+    print("cached loss / full-vocabulary loss at the student's start (the buckets' approximation):")
+    print(f"{'loss':>6} " + " ".join(f"{'k=' + str(k):>7}" for k in (8, 16, 64)))
+    for name, by_k in info["gap"].items():
+        print(f"{name:>6} " + " ".join(f"{by_k[k]:>7.4f}" for k in (8, 16, 64)))
 
 
 if __name__ == "__main__":
