@@ -114,7 +114,7 @@ bench:  ## benchmarks against peers (TRL, mergekit from the bench extra), printe
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 REAL_SIZE_DIR ?= outputs/real_size/$(STAMP)
-real-size-bench:  ## the engines at Qwen3-0.6B / Llama-3.2-1B size on random weights, vs mergekit and targets (~1.5 h on 2 cores)
+real-size-bench:  ## the engines at Qwen3-0.6B / Llama-3.2-1B size on random weights, vs mergekit and targets (1 h 45 min on 2 shared cores)
 	$(BIN)/pip install -q -c $(LOCK) -e ".[bench]"
 	mkdir -p $(REAL_SIZE_DIR)
 	$(BIN)/python -u bench/real_size.py --model qwen3-0.6b --json $(REAL_SIZE_DIR)/qwen3-0.6b.json
