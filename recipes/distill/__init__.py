@@ -176,7 +176,8 @@ class Distill(Recipe):
         examples = build_dataset(cfg.data, tok_student)
         cache_folder = None
         if self._use_teacher_cache(cfg, loss_cfg, onpolicy, len(tok_student), ctx):
-            cache_folder = self._teacher_cache_folder(cfg, loss_cfg, examples, len(tok_student), ctx)
+            cache_spec = teacher_cache.CacheSpec(loss_cfg.teacher_cache_k, float(loss_cfg.temperature), len(tok_student))
+            cache_folder = self._teacher_cache_folder(cfg, loss_cfg, cache_spec, examples, ctx)
         # off-policy runs on a built cache never call the teacher, so it is not loaded
         teacher = None
         if cache_folder is None or onpolicy.mode != "off" or not teacher_cache.TeacherCache.exists(cache_folder):
@@ -203,7 +204,7 @@ class Distill(Recipe):
 
         cache = None
         if cache_folder is not None:
-            cache = self._open_teacher_cache(cache_folder, cfg, loss_cfg, teacher, examples, vocab_size,
+            cache = self._open_teacher_cache(cache_folder, cache_spec, cfg, loss_cfg, teacher, examples,
                                              tokenizer.pad_token_id, ctx)
         objective = KDObjective(registry.get("kd_loss", loss_cfg.name), ctx.blocks.params["loss"], temperature=loss_cfg.temperature, kd_ratio=loss_cfg.kd_ratio,
                                 loca_alpha=loss_cfg.loca.alpha if loss_cfg.loca.enabled else None,
@@ -262,9 +263,8 @@ class Distill(Recipe):
         return True
 
     @staticmethod
-    def _teacher_cache_folder(cfg, loss_cfg, examples, vocab_size: int, ctx: RunContext) -> Path:
+    def _teacher_cache_folder(cfg, loss_cfg, spec: teacher_cache.CacheSpec, examples, ctx: RunContext) -> Path:
         """The entry for this teacher's content, this data and these loss settings."""
-        spec = teacher_cache.CacheSpec(loss_cfg.teacher_cache_k, float(loss_cfg.temperature), vocab_size)
         run = {"dtype": str(cfg.teacher.dtype), "device": ctx.accelerator.device.type,
                "mixed_precision": str(cfg.train.mixed_precision)}
         key = teacher_cache.cache_key(spec, checkpoint_fingerprint(Path(resolve_model_path(cfg.teacher))),
@@ -273,12 +273,11 @@ class Distill(Recipe):
         return root / key
 
     @staticmethod
-    def _open_teacher_cache(folder: Path, cfg, loss_cfg, teacher, examples, vocab_size: int, pad_id: int,
-                            ctx: RunContext) -> teacher_cache.TeacherCache:
+    def _open_teacher_cache(folder: Path, spec: teacher_cache.CacheSpec, cfg, loss_cfg, teacher, examples,
+                            pad_id: int, ctx: RunContext) -> teacher_cache.TeacherCache:
         """The entry at `folder`, built first (on the main process) when it is not there."""
         built_s = None
         if ctx.is_main_process and not teacher_cache.TeacherCache.exists(folder):
-            spec = teacher_cache.CacheSpec(loss_cfg.teacher_cache_k, float(loss_cfg.temperature), vocab_size)
             ctx.log.info("teacher cache: computing the teacher's top-%d on %d rows into %s", spec.k, len(examples), folder)
             t0 = time.perf_counter()
             teacher_cache.build(folder, teacher, examples, spec, pad_id, batch_size=cfg.train.batch_size,
