@@ -64,34 +64,47 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def worker(tool: str, method: str, paths: dict, out: str) -> dict:
-    """Runs in a fresh process: import, merge, report seconds and RSS."""
+def merger(tool: str):
+    """Import `tool` ("ours" or "mergekit") and return merge(method, paths, out, shard): a linear or TIES merge
+    of paths["a"] and paths["b"] (TIES over paths["base"]) written to `out` in shards of `shard` (e.g. "100MB").
+    Imports happen here, so a caller can read its RSS after them and before the merge."""
+    from runner.tensorio import parse_size
+
     if tool == "ours":
         from recipes.merge.engine import Selection, merge_models
         from runner import registry
-    else:
-        import yaml
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import run_merge
-        from mergekit.options import MergeOptions
-    rss_after_imports = peak_rss_mb()
-    start = time.perf_counter()
-    models = [Path(paths["a"]), Path(paths["b"])]
-    if tool == "ours":
-        params = {"weights": list(WEIGHTS)} if method == "linear" else {"weights": list(WEIGHTS), "density": DENSITY}
-        merge_models(models, Path(paths["base"]) if method == "ties" else None, registry.get("merge_method", method),
-                     params, Path(out), selection=Selection(), outside=models[0], donor=models[0], dtype="float32",
-                     max_shard_size=SHARD, seed=0)
-    else:
+
+        def merge(method: str, paths: dict, out, shard: str) -> None:
+            models = [Path(paths["a"]), Path(paths["b"])]
+            params = {"weights": list(WEIGHTS)} if method == "linear" else {"weights": list(WEIGHTS), "density": DENSITY}
+            merge_models(models, Path(paths["base"]) if method == "ties" else None, registry.get("merge_method", method),
+                         params, Path(out), selection=Selection(), outside=models[0], donor=models[0], dtype="float32",
+                         max_shard_size=shard, seed=0)
+        return merge
+
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    def merge(method: str, paths: dict, out, shard: str) -> None:
+        models = [Path(paths["a"]), Path(paths["b"])]
         spec = {"merge_method": method, "dtype": "float32", "out_dtype": "float32",
                 "models": [{"model": str(m), "parameters": {"weight": w, **({"density": DENSITY} if method == "ties" else {})}}
                            for m, w in zip(models, WEIGHTS)]}
         if method == "ties":
             spec["base_model"] = str(paths["base"])
-        from mergekit.common import parse_kmb
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(json.dumps(spec))), str(out),
+                  options=MergeOptions(out_shard_size=parse_size(shard), quiet=True, write_model_card=False))
+    return merge
 
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(json.dumps(spec))), out,
-                  options=MergeOptions(out_shard_size=parse_kmb("100M"), quiet=True, write_model_card=False))
+
+def worker(tool: str, method: str, paths: dict, out: str) -> dict:
+    """Runs in a fresh process: import, merge, report seconds and RSS."""
+    merge = merger(tool)
+    rss_after_imports = peak_rss_mb()
+    start = time.perf_counter()
+    merge(method, paths, out, SHARD)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
     return {"seconds": seconds, "peak_mb": peak, "above_imports_mb": peak - rss_after_imports}

@@ -84,7 +84,6 @@ SETTINGS = {
              "calib_samples": 8, "calib_seqlen": 64, "calib_batch": 4, "noise_batch": 2, "noise_seq": 32},
 }
 WORKLOADS = ("merge", "graft", "rtn", "gptq", "distill", "noise")
-DENSITY, WEIGHTS = 0.3, (0.6, 0.4)  # as bench/merge_vs_mergekit.py
 TARGETS = {  # (figure, at most)
     "merge_time": 1.0, "merge_rss": 0.8, "graft_rss": 1.2, "gptq_wall_s": 900.0, "distill_rss": 1.3,
 }
@@ -148,33 +147,13 @@ def w_build(arch: str, root: str, noise: float, shard: str) -> dict:
 
 
 def w_merge(tool: str, method: str, paths: dict, out: str, out_shard: str) -> dict:
-    """As bench/merge_vs_mergekit.py's worker, with the output shard size given."""
-    if tool == "ours":
-        from recipes.merge.engine import Selection, merge_models
-        from runner import registry
-    else:
-        import yaml
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import run_merge
-        from mergekit.options import MergeOptions
-    from runner.tensorio import parse_size
+    """bench/merge_vs_mergekit.py's merge, with the output shard size given."""
+    from merge_vs_mergekit import merger
 
+    merge = merger(tool)
     imports = _rss_now_mb()
     start = time.perf_counter()
-    models = [Path(paths["a"]), Path(paths["b"])]
-    if tool == "ours":
-        params = {"weights": list(WEIGHTS)} if method == "linear" else {"weights": list(WEIGHTS), "density": DENSITY}
-        merge_models(models, Path(paths["base"]) if method == "ties" else None, registry.get("merge_method", method),
-                     params, Path(out), selection=Selection(), outside=models[0], donor=models[0], dtype="float32",
-                     max_shard_size=out_shard, seed=0)
-    else:
-        spec = {"merge_method": method, "dtype": "float32", "out_dtype": "float32",
-                "models": [{"model": str(m), "parameters": {"weight": w, **({"density": DENSITY} if method == "ties" else {})}}
-                           for m, w in zip(models, WEIGHTS)]}
-        if method == "ties":
-            spec["base_model"] = str(paths["base"])
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(json.dumps(spec))), out,
-                  options=MergeOptions(out_shard_size=parse_size(out_shard), quiet=True, write_model_card=False))
+    merge(method, paths, out, out_shard)
     return {"seconds": time.perf_counter() - start, "imports_mb": imports, "hwm_mb": _status_mb("VmHWM")}
 
 
