@@ -226,3 +226,21 @@ def test_k_beyond_the_vocabulary_is_refused_before_weights_load(compose, tmp_pat
     with pytest.raises(ConfigError, match="loss.teacher_cache_k: 100000 exceeds the vocabulary"):
         run(compose(["recipe=fkl_distill", *CACHED_TINY, "loss.teacher_cache=auto", "loss.teacher_cache_k=100000"]),
             tmp_path / "run")
+
+
+def test_a_named_folder_needs_a_local_teacher(compose, tmp_path, monkeypatch):
+    """A hub teacher has no files to fingerprint: a named cache folder is refused before any weights load."""
+    from recipes.distill import Distill
+
+    monkeypatch.setattr("recipes.distill.resolve_model_path", lambda spec: "org/remote-teacher")
+    cfg = compose(["recipe=fkl_distill", f"loss.teacher_cache={tmp_path / 'topk'}"])
+
+    class Ctx:
+        import logging
+
+        log = logging.getLogger("test")
+
+    loss, onpolicy = Distill.blocks["loss"](teacher_cache=str(tmp_path / "topk")), Distill.blocks["onpolicy"]()
+    with pytest.raises(ConfigError, match="loss.teacher_cache: the teacher 'toy-teacher' is not a local folder"):
+        Distill()._use_teacher_cache(cfg, loss, onpolicy, 657, Ctx)
+    assert not Distill()._use_teacher_cache(cfg, Distill.blocks["loss"](teacher_cache="auto"), onpolicy, 657, Ctx)
