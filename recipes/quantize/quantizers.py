@@ -211,7 +211,8 @@ def gptq(weight: torch.Tensor, bits: int, group_size: int, *, hessian: torch.Ten
             col = int(perm[start + i])
             k = col // g
             if not act_order and col % g == 0:  # the group starts here: its grid from the current weights
-                current = torch.cat([block[:, i:], w[:, end:]], 1)[:, :g]
+                rest = g - (end - start - i)  # the group's columns past this block, if any
+                current = block[:, i:i + g] if rest <= 0 else torch.cat([block[:, i:], w[:, end:end + rest]], 1)
                 s, z = find(current.unsqueeze(1), bits, sym)
                 scale[:, k], zero[:, k] = s[:, 0], z[:, 0]
             q = torch.clamp(torch.round(block[:, i] / scale[:, k]) + zero[:, k], 0, 2**bits - 1)
