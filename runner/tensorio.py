@@ -1,24 +1,25 @@
 """Streaming safetensors I/O: read a model folder one tensor at a time, write sharded output.
 
 Used by every recipe that combines checkpoints tensor by tensor (merges, grafts): peak memory stays
-near a few tensors plus one output shard, whatever the number of layers.
+near the few tensors in use, whatever the number of layers and the shard size.
 
 - `TensorSource` reads ``model.safetensors.index.json`` or a single ``model.safetensors`` and reads
   each tensor on demand with plain file reads (no memory map kept open).
-- `ShardedWriter` buffers tensors up to ``max_shard_bytes`` and flushes them as shards, then names
-  them ``model-0000i-of-0000N.safetensors`` with an index regenerated from what was written (or a
-  single ``model.safetensors``), in a temp folder renamed into place at the end.
+- `ShardedWriter` writes each tensor to disk as it is added, starting a new shard when the next
+  tensor would take the current one past ``max_shard_bytes``, then names the shards
+  ``model-0000i-of-0000N.safetensors`` with an index regenerated from what was written (or a single
+  ``model.safetensors``), in a temp folder renamed into place at the end.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from runner import atomic
 from runner.errors import ConfigError
@@ -46,6 +47,7 @@ def parse_size(size: str | int) -> int:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -97,12 +99,12 @@ class TensorSource:
         start, end = info["data_offsets"]
         if end == start:
             return torch.empty(shape, dtype=dtype)
-        data = bytearray(end - start)
+        data = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled: the read fills it
         with (self.folder / self.weight_map[key]).open("rb") as f:
             f.seek(data_start + start)
-            if f.readinto(data) != len(data):
+            if f.readinto(data.numpy()) != end - start:
                 raise ConfigError(f"{self.folder / self.weight_map[key]}: truncated while reading {key}")
-        return torch.frombuffer(data, dtype=dtype).view(shape)
+        return data.view(dtype).view(shape)
 
     def shape(self, key: str) -> list[int]:
         return list(self._entry(key)[0]["shape"])
@@ -113,35 +115,58 @@ class TensorSource:
 
 
 class ShardedWriter:
-    """Write tensors as safetensors shards of at most `max_shard_bytes` (a tensor never splits)."""
+    """Write tensors as safetensors shards of at most `max_shard_bytes` (a tensor never splits).
+
+    No shard is held in memory: each tensor's bytes go to the shard's data file when it is added;
+    when the shard is full, its file is written as the safetensors header followed by that data,
+    copied by the kernel (`os.copy_file_range`), not through this process.
+    """
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int):
         self.out_dir = Path(out_dir)
         self.tmp = atomic.new_folder(self.out_dir)
         self.max_bytes = max_shard_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
+        self.entries: dict[str, dict] = {}  # the open shard's header entries
+        self.data = None  # the open shard's data file
+        self.shard_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []
         self.total = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _NAMES:
+            raise ValueError(f"{key}: safetensors cannot store dtype {tensor.dtype}")
+        tensor = tensor.detach().cpu().contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + size > self.max_bytes:
+        if self.entries and self.shard_bytes + size > self.max_bytes:
             self._flush()
-        self.buffer[key] = tensor.contiguous()
-        self.buffer_bytes += size
+        if self.data is None:
+            self.data = (self.tmp / f"part-{len(self.shards):05d}.data").open("wb")
+        self.data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self.entries[key] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.shard_bytes, self.shard_bytes + size]}
+        self.shard_bytes += size
         self.total += size
 
     def _flush(self) -> None:
         name = f"part-{len(self.shards):05d}.safetensors"
-        save_file(self.buffer, str(self.tmp / name), metadata={"format": "pt"})
-        self.shards.append((name, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format's padding: tensor data starts 8-byte aligned
+        if self.data is None:  # a model with no tensors still gets one (empty) file
+            self.data = (self.tmp / f"part-{len(self.shards):05d}.data").open("wb")
+        self.data.close()
+        data_path = Path(self.data.name)
+        with (self.tmp / name).open("wb") as out, data_path.open("rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            out.flush()
+            _copy_rest(data, out, self.shard_bytes)
+        data_path.unlink()
+        self.shards.append((name, list(self.entries)))
+        self.entries, self.data, self.shard_bytes = {}, None, 0
 
     def finish(self, side_files_from: str | Path | None = None, config: dict | None = None) -> Path:
         """Name the shards, write the index, config and side files, and move the folder into place."""
         try:
-            if self.buffer or not self.shards:
+            if self.entries or not self.shards:
                 self._flush()
             n = len(self.shards)
             weight_map = {}
@@ -168,4 +193,24 @@ class ShardedWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        if self.data is not None:
+            self.data.close()
         atomic.discard(self.tmp)
+
+
+def _copy_rest(src, dst, size: int) -> None:
+    """Append `size` bytes of file `src` to file `dst` in the kernel where it can (no user-space buffer)."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except (AttributeError, OSError):  # no copy_file_range (old kernel, other OS, some filesystems)
+        src.seek(done)
+        dst.seek(0, os.SEEK_END)
+        shutil.copyfileobj(src, dst, 16 << 20)
+        return
+    if done != size:
+        raise OSError(f"{dst.name}: copied {done} of {size} bytes")

@@ -2,8 +2,8 @@
 
 Inputs are read lazily (`runner.tensorio.TensorSource`, one tensor at a time, no memory maps), each output
 tensor is computed in fp32 from the inputs' tensors of the same name, cast once to the output dtype
-and handed to a `ShardedWriter`. Peak memory is a few tensors plus one output shard, independent of
-the number of layers.
+and handed to a `ShardedWriter`, which puts it on disk at once. Peak memory is a few tensors,
+independent of the number of layers and of the shard size.
 """
 
 from __future__ import annotations
