@@ -100,14 +100,38 @@ def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, *, weights:
     return base + lam * (deltas * _expand(w, base)).sum(0)
 
 
-def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = max(1, floor(density * n)) largest |delta| entries of the tensor (mergekit's count)."""
-    if density >= 1.0:
-        return delta
-    k = max(1, int(density * delta.numel()))
-    keep = torch.zeros(delta.numel(), dtype=torch.bool)
-    keep[delta.abs().flatten().topk(k).indices] = True
-    return delta * keep.view(delta.shape)
+BLOCK = 1 << 22  # entries per block of the elementwise TIES steps: temporaries stay ~16 MB per tensor
+
+
+def _cut(x: torch.Tensor, base: torch.Tensor, density: float) -> tuple[float, int]:
+    """TIES's trim rule for one task vector delta = x - base: keep the k = max(1, floor(density * n))
+    largest |delta| (mergekit's count). Returns the k-th largest magnitude and how many entries equal
+    to it are kept: all those above it, then ties in row-major order until k (the topk/argsort that
+    mergekit calls leaves ties in an unspecified order). One n-sized temporary, selected in place."""
+    if x.numel() == 0:
+        return 0.0, 0
+    mag = torch.empty(x.numel())
+    for s in range(0, x.numel(), BLOCK):
+        torch.sub(x.view(-1)[s:s + BLOCK], base.view(-1)[s:s + BLOCK], out=mag[s:s + BLOCK]).abs_()
+    n = mag.numel()
+    k = max(1, int(density * n))
+    cut = mag.numpy()
+    cut.partition(n - k)  # introselect in place: O(n), no copy
+    threshold = float(cut[n - k])
+    above = int((cut[n - k + 1:] > threshold).sum())  # the partition put every larger entry after it
+    return threshold, k - above
+
+
+def _trim(delta: torch.Tensor, threshold: float, ties: int) -> tuple[torch.Tensor, int]:
+    """One block of a task vector, trimmed by `_cut`'s rule; returns it and the ties still to keep."""
+    mag = delta.abs()
+    keep = mag > threshold
+    at = mag == threshold
+    if ties > 0 and bool(at.any()):
+        kept = at & (at.view(-1).cumsum(0) <= ties).view(at.shape)
+        keep |= kept
+        ties -= int(kept.sum())
+    return delta * keep, ties
 
 
 def _elect_and_merge(deltas: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -134,8 +158,20 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, density: float, wei
     agreeing entries. `density` has no default on purpose (mergekit's 1.0 means no trimming);
     Long-to-Short's k is the share *dropped*, so their k=0.8 is density 0.2."""
     w = _weights(weights, len(tensors))
-    deltas = torch.stack([_trim(x - base, density) for x in tensors])
-    return base + lam * _elect_and_merge(deltas, w, normalize)
+    tensors, base = [x.contiguous() for x in tensors], base.contiguous()
+    cuts = [list(_cut(x, base, density)) if density < 1.0 else None for x in tensors]
+    out = torch.empty_like(base)
+    flat = out.view(-1)
+    for s in range(0, base.numel(), BLOCK):  # every step past the cut is elementwise: block by block
+        b = base.view(-1)[s:s + BLOCK]
+        deltas = []
+        for x, cut in zip(tensors, cuts):
+            delta = x.view(-1)[s:s + BLOCK] - b
+            if cut is not None:
+                delta, cut[1] = _trim(delta, *cut)
+            deltas.append(delta)
+        torch.add(b, _elect_and_merge(torch.stack(deltas), w, normalize), alpha=lam, out=flat[s:s + BLOCK])
+    return out
 
 
 def _dare(delta: torch.Tensor, density: float, rescale: str, generator: torch.Generator | None) -> torch.Tensor:

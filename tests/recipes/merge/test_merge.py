@@ -66,6 +66,27 @@ def test_ties_votes_on_weighted_deltas_so_a_negated_task_keeps_its_entry(normali
     close(out, expected)
 
 
+@pytest.mark.parametrize("block", [2, 3, 1 << 22])
+def test_ties_keeps_exactly_k_with_ties_at_the_cut_in_row_major_order(monkeypatch, block):
+    # density 0.5 of 6 entries keeps k = 3: the 3 above the cut, then the first two of the three 2s;
+    # the count carries across blocks (block 2 and 3 split the tied entries)
+    monkeypatch.setattr(methods, "BLOCK", block)
+    delta = T([[1.0, 2.0, -2.0], [2.0, 0.5, 3.0]])
+    close(methods.ties([delta], torch.zeros(2, 3), density=0.5), [[0.0, 2.0, -2.0], [0.0, 0.0, 3.0]])
+
+
+def test_ties_in_blocks_equals_ties_in_one_block(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 29, generator=g)
+    models = [base + torch.randn(37, 29, generator=g) for _ in range(3)]
+    kwargs = dict(density=0.3, weights=[0.5, -1.0, 2.0], lam=0.7)
+    whole = methods.ties(models, base, **kwargs)
+    monkeypatch.setattr(methods, "BLOCK", 100)
+    torch.testing.assert_close(methods.ties(models, base, **kwargs), whole, rtol=0, atol=0)
+    kept = [(methods.ties([m], base, density=0.3) - base) != 0 for m in models]
+    assert all(int(k.sum()) == int(0.3 * base.numel()) for k in kept)  # mergekit's count, per task vector
+
+
 def test_ties_sign_ties_go_positive():
     # weighted sums are exactly 0: the + entries win, alone
     close(methods.ties([T([1.0, -2.0]), T([-1.0, 2.0])], torch.zeros(2), density=1.0), [1.0, 2.0])
