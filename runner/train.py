@@ -221,8 +221,11 @@ def _optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     if not decay and not no_decay:
         raise ConfigError("train: the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel per parameter and no temporaries (transformers' Trainer default for torch >= 2.8,
+    # `adamw_torch_fused`); torch's own default builds a full-size denominator tensor per parameter (CPU)
+    # or for all of them at once (for-each on GPUs)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=True
     )
 
 
