@@ -14,6 +14,7 @@ near the few tensors in use, whatever the number of layers and the shard size.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -62,9 +63,10 @@ def read_header(path: Path) -> tuple[dict, int]:
 class TensorSource:
     """Lazy, read-only access to the tensors of an HF model folder.
 
-    Tensors are read with plain file reads at the offsets the shard headers give, not through a
-    memory map: mapped pages would count in the process's resident memory for as long as the shard
-    stays open, so reading a model would cost up to a shard per input on top of the tensors in use.
+    Each tensor is its own private (copy-on-write) memory map of just its bytes, unmapped when the
+    tensor is freed: no copy out of the page cache, and resident memory holds only the tensors in
+    use. A map of the whole shard would instead stay resident for as long as the shard is open, up
+    to a shard per input.
     """
 
     def __init__(self, folder: str | Path):
@@ -99,11 +101,16 @@ class TensorSource:
         start, end = info["data_offsets"]
         if end == start:
             return torch.empty(shape, dtype=dtype)
-        data = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled: the read fills it
-        with (self.folder / self.weight_map[key]).open("rb") as f:
-            f.seek(data_start + start)
-            if f.readinto(data.numpy()) != end - start:
-                raise ConfigError(f"{self.folder / self.weight_map[key]}: truncated while reading {key}")
+        path = self.folder / self.weight_map[key]
+        offset = data_start + start
+        page = offset - offset % mmap.ALLOCATIONGRANULARITY  # a map starts on a page boundary
+        with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_size < data_start + end:
+                raise ConfigError(f"{path}: truncated while reading {key}")
+            # ACCESS_COPY: writable, and a write makes a private page, never touches the file
+            mapped = mmap.mmap(f.fileno(), offset - page + end - start, offset=page, access=mmap.ACCESS_COPY)
+        # the tensor keeps the map alive; the map closes when the last tensor on it is freed
+        data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=offset - page)
         return data.view(dtype).view(shape)
 
     def shape(self, key: str) -> list[int]:
@@ -117,17 +124,21 @@ class TensorSource:
 class ShardedWriter:
     """Write tensors as safetensors shards of at most `max_shard_bytes` (a tensor never splits).
 
-    No shard is held in memory: each tensor's bytes go to the shard's data file when it is added;
-    when the shard is full, its file is written as the safetensors header followed by that data,
-    copied by the kernel (`os.copy_file_range`), not through this process.
+    No shard is held in memory: each tensor's bytes go to its shard file when it is added, behind
+    room left for the header, which is written into that room when the shard is full. The room is
+    a thousandth of the shard size, between 4 KiB and 1 MiB (about 40 to 10,000 tensor entries); a
+    shard also ends when the next entry would not fit in it, and the header's unused room is spaces,
+    the format's own padding.
     """
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int):
         self.out_dir = Path(out_dir)
         self.tmp = atomic.new_folder(self.out_dir)
         self.max_bytes = max_shard_bytes
+        self.room = min(1 << 20, max(4096, max_shard_bytes // 1000 // 8 * 8))  # a multiple of 8: aligned data
         self.entries: dict[str, dict] = {}  # the open shard's header entries
-        self.data = None  # the open shard's data file
+        self.header_bytes = 0  # their JSON length, metadata and braces included
+        self.file = None  # the open shard
         self.shard_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []
         self.total = 0
@@ -139,34 +150,45 @@ class ShardedWriter:
         size = tensor.numel() * tensor.element_size()
         if self.entries and self.shard_bytes + size > self.max_bytes:
             self._flush()
-        if self.data is None:
-            self.data = (self.tmp / f"part-{len(self.shards):05d}.data").open("wb")
-        self.data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-        self.entries[key] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
-                             "data_offsets": [self.shard_bytes, self.shard_bytes + size]}
+        fields, entry = self._entry(key, tensor, size)
+        if self.entries and self.header_bytes + len(entry) > self.room:
+            self._flush()
+            fields, entry = self._entry(key, tensor, size)  # its offsets start again at 0
+        if self.file is None:
+            self._open()
+        if self.header_bytes + len(entry) > self.room:
+            raise ValueError(f"{key}: the tensor's header entry does not fit in a shard header of {self.room} bytes")
+        self.file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self.entries[key] = fields
+        self.header_bytes += len(entry)
         self.shard_bytes += size
         self.total += size
 
+    def _entry(self, key: str, tensor: torch.Tensor, size: int) -> tuple[dict, bytes]:
+        """The tensor's header fields in the open shard, and their JSON with the separating comma."""
+        fields = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
+                  "data_offsets": [self.shard_bytes, self.shard_bytes + size]}
+        return fields, b"," + _json({key: fields})[1:-1]
+
+    def _open(self) -> None:
+        self.file = (self.tmp / f"part-{len(self.shards):05d}.safetensors").open("wb")
+        self.file.seek(8 + self.room)  # tensor data starts behind the header's room
+        self.header_bytes = len(_json({"__metadata__": METADATA}))
+
     def _flush(self) -> None:
-        name = f"part-{len(self.shards):05d}.safetensors"
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the format's padding: tensor data starts 8-byte aligned
-        if self.data is None:  # a model with no tensors still gets one (empty) file
-            self.data = (self.tmp / f"part-{len(self.shards):05d}.data").open("wb")
-        self.data.close()
-        data_path = Path(self.data.name)
-        with (self.tmp / name).open("wb") as out, data_path.open("rb") as data:
-            out.write(len(header).to_bytes(8, "little") + header)
-            out.flush()
-            _copy_rest(data, out, self.shard_bytes)
-        data_path.unlink()
-        self.shards.append((name, list(self.entries)))
-        self.entries, self.data, self.shard_bytes = {}, None, 0
+        if self.file is None:  # a model with no tensors still gets one (empty) file
+            self._open()
+        header = _json({"__metadata__": METADATA, **self.entries})
+        self.file.seek(0)
+        self.file.write(self.room.to_bytes(8, "little") + header + b" " * (self.room - len(header)))
+        self.file.close()
+        self.shards.append((Path(self.file.name).name, list(self.entries)))
+        self.entries, self.file, self.shard_bytes = {}, None, 0
 
     def finish(self, side_files_from: str | Path | None = None, config: dict | None = None) -> Path:
         """Name the shards, write the index, config and side files, and move the folder into place."""
         try:
-            if self.entries or not self.shards:
+            if self.file is not None or not self.shards:
                 self._flush()
             n = len(self.shards)
             weight_map = {}
@@ -193,24 +215,13 @@ class ShardedWriter:
         return self.out_dir
 
     def abort(self) -> None:
-        if self.data is not None:
-            self.data.close()
+        if self.file is not None:
+            self.file.close()
         atomic.discard(self.tmp)
 
 
-def _copy_rest(src, dst, size: int) -> None:
-    """Append `size` bytes of file `src` to file `dst` in the kernel where it can (no user-space buffer)."""
-    done = 0
-    try:
-        while done < size:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done)
-            if n == 0:
-                break
-            done += n
-    except (AttributeError, OSError):  # no copy_file_range (old kernel, other OS, some filesystems)
-        src.seek(done)
-        dst.seek(0, os.SEEK_END)
-        shutil.copyfileobj(src, dst, 16 << 20)
-        return
-    if done != size:
-        raise OSError(f"{dst.name}: copied {done} of {size} bytes")
+METADATA = {"format": "pt"}
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()

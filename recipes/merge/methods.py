@@ -66,7 +66,7 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None = None, *, wei
     out = tensors[0] * w[0]  # a running sum: no stacked copy of the inputs
     for x, wi in zip(tensors[1:], w[1:]):
         out.add_(x, alpha=wi)
-    return out / sum(w) if normalize else out
+    return out.div_(sum(w)) if normalize else out
 
 
 @register("merge_method", "slerp", inputs=Inputs(("models",), models=(2, 2)), ranges={"t": (0.0, 1.0)})
