@@ -5,10 +5,9 @@ the same value and gradient:
 
 - ``chunk_size=0`` (naive): both models produce full ``[B, T, V]`` logits, as most KD code does;
 - ``chunk_size=N``: both models return hidden states (`runner.lm_head`), and the LM-head
-  projection, softmaxes, divergence and CE run over N tokens at a time (`HeadChunks`), each
-  chunk's gradient taken on the spot and added into one head-gradient buffer. Peak memory holds
-  one chunk's ``[N, V]`` tensors instead of ``[B*T, V]`` ones, whatever the batch, sequence or
-  vocabulary size, and no chunk is projected twice.
+  projection, softmaxes, divergence and CE run over N tokens at a time inside activation
+  checkpointing. Peak memory holds one chunk's ``[N, V]`` tensors instead of ``[B*T, V]`` ones,
+  whatever the batch, sequence or vocabulary size.
 
 Realignment (TrRa): given a frozen ``reference`` model, the teacher's logits
 are replaced by the fused ``lam * z_teacher + (1 - lam) * z_reference`` (`recipes.distill.realign`),
@@ -31,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from recipes.distill.losses import loca_calibrate, log_probs
 from recipes.distill.realign import fuse_logits
@@ -70,19 +70,13 @@ class KDObjective:
             s_head, kept = output_head(student), targets[mask]
             t_head = output_head(teacher) if cached is None else None
             r_head = output_head(self.reference) if self.reference is not None else None
-            weights = (1.0, 0.0) if generated else (self.kd_ratio, 1.0 - self.kd_ratio)
-
-            def chunk_sums(sl: slice, s_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                t_logits = None
-                if cached is None:
-                    with torch.no_grad():
-                        t_logits = project(t_hidden[sl], t_head)
-                        if r_hidden is not None:
-                            t_logits = self._fuse(t_logits, project(r_hidden[sl], r_head))
-                part = None if cached is None else (cached[0][sl], cached[1][sl])
-                return self._sums(s_logits, t_logits, kept[sl], generated, part)
-
-            weighted, kd_sum, ce_sum = HeadChunks.apply(s_hidden, *s_head, chunk_sums, self.chunk_size, weights)
+            kd_sum = ce_sum = s_hidden.new_zeros(())
+            for i in range(0, n, self.chunk_size):
+                sl = slice(i, i + self.chunk_size)
+                kd, ce = checkpoint(self._chunk, s_hidden[sl], s_head, None if t_hidden is None else t_hidden[sl],
+                                    t_head, kept[sl], generated, None if r_hidden is None else r_hidden[sl], r_head,
+                                    None if cached is None else (cached[0][sl], cached[1][sl]), use_reentrant=False)
+                kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
         else:
             s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             t_logits = None
@@ -94,10 +88,12 @@ class KDObjective:
                         t_logits = self._fuse(t_logits, r_logits)
                 t_logits = t_logits[:, :-1][mask]
             kd_sum, ce_sum = self._sums(s_logits[:, :-1][mask], t_logits, targets[mask], generated, cached)
-            kd_weight, ce_weight = (1.0, 0.0) if generated else (self.kd_ratio, 1.0 - self.kd_ratio)
-            weighted = kd_weight * kd_sum + ce_weight * ce_sum
         denom = max(n, 1)
-        return LossOutput(weighted / denom, n, {"kd": float(kd_sum.detach()) / denom, "ce": float(ce_sum.detach()) / denom})
+        kd, ce = kd_sum / denom, ce_sum / denom
+        ce_weight = 0.0 if generated else 1.0 - self.kd_ratio
+        kd_weight = 1.0 if generated else self.kd_ratio
+        loss = kd_weight * kd + ce_weight * ce
+        return LossOutput(loss, n, {"kd": float(kd.detach()), "ce": float(ce.detach())})
 
     def _cached(self, batch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         top_ids, t_logp = self.cache.rows(batch["index"], batch["labels"].device)
@@ -105,6 +101,16 @@ class KDObjective:
             raise RuntimeError(f"teacher cache {self.cache.folder}: {top_ids.shape[0]} cached tokens for a batch "
                                f"with {n} response tokens; the entry does not belong to this data")
         return top_ids, t_logp
+
+    def _chunk(self, s_hidden, s_head, t_hidden, t_head, targets, generated, r_hidden=None, r_head=None, cached=None):
+        s_logits = project(s_hidden, s_head)
+        t_logits = None
+        if cached is None:
+            with torch.no_grad():
+                t_logits = project(t_hidden, t_head)
+                if r_hidden is not None:
+                    t_logits = self._fuse(t_logits, project(r_hidden, r_head))
+        return self._sums(s_logits, t_logits, targets, generated, cached)
 
     def _fuse(self, t_logits, r_logits):
         """The realignment target's logits, over the compared vocabulary (padded rows may differ)."""
@@ -137,52 +143,3 @@ class KDObjective:
         # log-probs are logits too; the loss is a token-mean over the selection, so n times it is the sum
         every = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device)
         return self.loss(s, t, every, labels, **self.params) * s.shape[0], ce
-
-
-class HeadChunks(torch.autograd.Function):
-    """A chunked loss over the LM head whose gradient is taken chunk by chunk in the forward pass.
-
-    ``apply(hidden [N, H], weight [V, H], bias, sums, chunk_size, (kd_weight, ce_weight))`` returns
-    ``(kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum)`` where ``sums(rows, logits)`` gives a
-    chunk's (kd_sum, ce_sum) from its student logits. Each chunk is projected once; the gradient of
-    the weighted sum with respect to its logits is turned at once into the chunk's rows of the
-    hidden-state gradient and added in place into one [V, H] head-gradient buffer (Liger's fused
-    linear cross-entropy does the same for CE). Activation checkpointing would instead project every
-    chunk twice and give autograd one full [V, H] head gradient per chunk to add up. Only the first
-    output is differentiable; the sums are for logging.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, sums, chunk_size: int, weights: tuple[float, float]):
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros_like(bias) if need_bias else None
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # sums in fp32 at least
-        weighted_sum, kd_sum, ce_sum = (hidden.new_zeros((), dtype=dtype) for _ in range(3))
-        for i in range(0, hidden.shape[0], chunk_size):
-            rows = slice(i, i + chunk_size)
-            h = hidden[rows]
-            with torch.enable_grad():
-                logits = F.linear(h, weight, bias).detach().requires_grad_(any(ctx.needs_input_grad[:3]))
-                kd, ce = sums(rows, logits)
-                weighted = weights[0] * kd + weights[1] * ce
-            if logits.requires_grad:
-                (g,) = torch.autograd.grad(weighted, logits)
-                if grad_hidden is not None:
-                    grad_hidden[rows] = g @ weight
-                if grad_weight is not None:  # in place into the one buffer: no [V, H] tensor per chunk
-                    grad_weight.addmm_(g.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
-                if grad_bias is not None:
-                    grad_bias += g.sum(0).to(grad_bias.dtype)
-            weighted_sum += weighted.detach()
-            kd_sum += kd.detach()
-            ce_sum += ce.detach()
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return weighted_sum, kd_sum, ce_sum
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_kd, _grad_ce):
-        grads, ctx.grads = ctx.grads, None  # handed on, not kept: autograd can take them as the .grad
-        return (*(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads), None, None, None)
