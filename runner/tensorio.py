@@ -4,7 +4,7 @@ Used by every recipe that combines checkpoints tensor by tensor (merges, grafts)
 near the few tensors in use, whatever the number of layers and the shard size.
 
 - `TensorSource` reads ``model.safetensors.index.json`` or a single ``model.safetensors`` and reads
-  each tensor on demand with plain file reads (no memory map kept open).
+  each tensor on demand as a private memory map of its own bytes (no shard kept mapped).
 - `ShardedWriter` writes each tensor to disk as it is added, starting a new shard when the next
   tensor would take the current one past ``max_shard_bytes``, then names the shards
   ``model-0000i-of-0000N.safetensors`` with an index regenerated from what was written (or a single

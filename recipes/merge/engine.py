@@ -1,6 +1,6 @@
 """The streaming merge engine: checks, filters, and one pass over the tensors of the inputs.
 
-Inputs are read lazily (`runner.tensorio.TensorSource`, one tensor at a time, no memory maps), each output
+Inputs are read lazily (`runner.tensorio.TensorSource`, one tensor at a time, no shard kept mapped), each output
 tensor is computed in fp32 from the inputs' tensors of the same name, cast once to the output dtype
 and handed to a `ShardedWriter`, which puts it on disk at once. Peak memory is a few tensors,
 independent of the number of layers and of the shard size.

@@ -110,7 +110,7 @@ def _cut(x: torch.Tensor, base: torch.Tensor, density: float) -> tuple[float, in
     mergekit calls leaves ties in an unspecified order). One n-sized temporary, selected in place."""
     if x.numel() == 0:
         return 0.0, 0
-    mag = torch.empty(x.numel())
+    mag = torch.empty(x.numel(), dtype=base.dtype)  # the dtype `_trim` compares in
     for s in range(0, x.numel(), BLOCK):
         torch.sub(x.view(-1)[s:s + BLOCK], base.view(-1)[s:s + BLOCK], out=mag[s:s + BLOCK]).abs_()
     n = mag.numel()
